@@ -1,0 +1,75 @@
+"""The layer contract shared by every invertible layer.
+
+Every flow layer maps data towards the latent space in ``forward`` and back in ``inverse``:
+
+    forward(x, cond=None) -> (z, logdet)    logdet = log |det dz/dx|      shape (B,)
+    inverse(z, cond=None) -> (x, logdet)    logdet = log |det dx/dz|      = -forward's
+
+The log-determinant is always accumulated in float32 (float64 when the input is float64),
+whatever precision the activations run in, so that likelihood sums never lose bits to bf16.
+Composition sums log-determinants; nothing else is needed to build a model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def logdet_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for float64 inputs (exactness tests), float32 for everything else (bf16, fp16)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def zero_logdet(x: torch.Tensor) -> torch.Tensor:
+    """A (B,) zero log-determinant in the accumulation dtype of ``x``."""
+    return torch.zeros(x.shape[0], dtype=logdet_dtype(x), device=x.device)
+
+
+def sum_except_batch(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sum all dimensions but the first, accumulating in ``dtype`` (default: logdet dtype)."""
+    dtype = dtype or logdet_dtype(t)
+    return t.to(dtype).flatten(1).sum(dim=1)
+
+
+class Flow(nn.Module):
+    """Base class of an invertible layer; subclasses implement ``forward`` and ``inverse``."""
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):  # pragma: no cover
+        raise NotImplementedError
+
+    def inverse(self, z: torch.Tensor, cond: torch.Tensor | None = None):  # pragma: no cover
+        raise NotImplementedError
+
+
+class FlowSequence(Flow):
+    """Composition f = f_n ∘ ... ∘ f_1:  log|det J_f| = Σ_i log|det J_{f_i}|."""
+
+    def __init__(self, flows: list[nn.Module]):
+        super().__init__()
+        self.flows = nn.ModuleList(flows)
+
+    def forward(self, x, cond=None):
+        logdet = zero_logdet(x)
+        for flow in self.flows:
+            x, ld = flow(x, cond)
+            logdet = logdet + ld
+        return x, logdet
+
+    def inverse(self, z, cond=None):
+        logdet = zero_logdet(z)
+        for flow in reversed(self.flows):
+            z, ld = flow.inverse(z, cond)
+            logdet = logdet + ld
+        return z, logdet
+
+    def __len__(self) -> int:
+        return len(self.flows)
+
+    def __iter__(self):
+        return iter(self.flows)
+
+
+def no_autocast(x: torch.Tensor):
+    """Context that turns autocast off on ``x``'s device: the invertible path stays in float32."""
+    return torch.autocast(device_type=x.device.type, enabled=False)

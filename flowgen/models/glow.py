@@ -1,0 +1,84 @@
+"""Glow (Kingma & Dhariwal, 2018): multi-scale flow of [ActNorm -> 1x1 conv -> coupling] steps."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from flowgen.flows.actnorm import ActNorm
+from flowgen.flows.base import FlowSequence
+from flowgen.flows.coupling import Coupling
+from flowgen.flows.invconv import InvConv1x1, InvConv1x1LU
+from flowgen.flows.nets import GlowConditioner
+from flowgen.flows.permutation import ReversePermutation, ShufflePermutation
+from flowgen.flows.prior import TopPrior
+from flowgen.flows.split import Split
+from flowgen.flows.squeeze import Squeeze
+from flowgen.models.multiscale import MultiScaleFlow
+from flowgen.models.validation import check_choice, check_image_size, check_positive
+
+COUPLINGS = ("affine", "additive")
+PERMUTATIONS = ("lu", "conv", "shuffle", "reverse")
+
+
+def make_permutation(kind: str, channels: int, seed: int):
+    if kind == "lu":
+        return InvConv1x1LU(channels)
+    if kind == "conv":
+        return InvConv1x1(channels)
+    if kind == "shuffle":
+        return ShufflePermutation(channels, seed)
+    return ReversePermutation(channels)
+
+
+class Glow(MultiScaleFlow):
+    """Glow with L levels of [squeeze -> K x (ActNorm, permutation, coupling) -> split].
+
+    Defaults are the paper's CIFAR-10 settings (Table 4 / appendix: L=3, K=32, width 512,
+    affine coupling, LU 1x1 convolutions, learned top prior, learned split priors).
+    Affine couplings use Glow's bounded scale σ(h + 2); the coupling network is
+    conv3x3 -> ReLU -> conv1x1 -> ReLU -> zero-initialised conv3x3 (ActNorm in hidden layers).
+    With ``num_classes`` the top prior is class-conditional (Glow's y-conditioning).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        image_size: int = 32,
+        levels: int = 3,
+        steps: int = 32,
+        hidden_channels: int = 512,
+        coupling: str = "affine",
+        permutation: str = "lu",
+        num_classes: int | None = None,
+        learn_top: bool = True,
+        learn_split_prior: bool = True,
+    ):
+        check_positive(in_channels=in_channels, levels=levels, steps=steps, hidden_channels=hidden_channels)
+        check_choice("coupling", coupling, COUPLINGS)
+        check_choice("permutation", permutation, PERMUTATIONS)
+        check_image_size(image_size, 2**levels, f"Glow with levels={levels} squeezes {levels} times")
+        if num_classes is not None:
+            check_positive(num_classes=num_classes)
+        conditioner = partial(GlowConditioner, hidden_channels=hidden_channels)
+
+        flow_levels, splits = [], []
+        channels, size = in_channels, image_size
+        for level in range(levels):
+            channels, size = channels * 4, size // 2
+            layers = [Squeeze()]
+            for step in range(steps):
+                layers += [
+                    ActNorm(channels),
+                    make_permutation(permutation, channels, seed=1000 * level + step),
+                    Coupling(channels, conditioner, transform=coupling, scale="sigmoid", mask="channel"),
+                ]
+            flow_levels.append(FlowSequence(layers))
+            if level < levels - 1:
+                split = Split(channels, learn_prior=learn_split_prior)
+                splits.append(split)
+                channels = split.keep_channels
+        top = TopPrior(channels, size, size, learn=learn_top, num_classes=num_classes)
+        super().__init__(flow_levels, splits, top, in_channels, image_size)
+        self.config = dict(in_channels=in_channels, image_size=image_size, levels=levels, steps=steps,
+                           hidden_channels=hidden_channels, coupling=coupling, permutation=permutation,
+                           num_classes=num_classes, learn_top=learn_top, learn_split_prior=learn_split_prior)

@@ -1,0 +1,113 @@
+"""The multi-scale architecture shared by Glow and RealNVP (RealNVP section 3.6).
+
+    x ──level 0──▶ h_0 ──split──▶ h_0'  ──level 1──▶ … ──level L-1──▶ z_{L-1} ~ top prior
+                              └─▶ z_0 ~ p(z_0 | h_0')        (one factored latent per split)
+
+Each level is a ``FlowSequence`` (squeezes and flow steps); after every level but the last,
+``Split`` factors out half of the channels.  The density of x is exact:
+
+    log p(x) = Σ_l log p(z_l | h_l') + log p_top(z_{L-1}) + Σ_layers log|det J|
+
+Sampling runs the same road backwards from the top: draw the top latent, invert the last
+level, draw the factored latent from its conditional prior, concatenate, invert the level
+below, and so on.  Temperature T scales the standard deviation of every level's prior.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flowgen.flows.base import FlowSequence, zero_logdet
+from flowgen.flows.prior import TopPrior
+from flowgen.flows.split import Split
+
+
+class MultiScaleFlow(nn.Module):
+    """Levels of flows with factor-out between them and Gaussian priors on every latent."""
+
+    def __init__(self, levels: list[FlowSequence], splits: list[Split], top_prior: TopPrior,
+                 in_channels: int, image_size: int):
+        super().__init__()
+        if len(splits) != len(levels) - 1:
+            raise ValueError(f"need one split between consecutive levels: {len(levels)} levels, {len(splits)} splits")
+        self.levels = nn.ModuleList(levels)
+        self.splits = nn.ModuleList(splits)
+        self.top_prior = top_prior
+        self.in_channels = in_channels
+        self.image_size = image_size
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, self.image_size, self.image_size)
+
+    # -- data -> latents -------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, y=None) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """x -> (latents z_0..z_{L-1}, Σ log|det J| (B,), Σ prior log-densities (B,))."""
+        zs, logdet, log_prior = [], zero_logdet(x), zero_logdet(x)
+        h = x
+        for i, level in enumerate(self.levels):
+            h, ld = level(h)
+            logdet = logdet + ld
+            if i < len(self.splits):
+                h, z, lp = self.splits[i](h)
+                zs.append(z)
+                log_prior = log_prior + lp
+        zs.append(h)
+        log_prior = log_prior + self.top_prior.log_prob(h, y)
+        return zs, logdet, log_prior
+
+    def forward(self, x: torch.Tensor, y=None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """x -> (latents, log|det dz/dx|): the flow's bijection, one latent per level."""
+        zs, logdet, _ = self.encode(x, y)
+        return zs, logdet
+
+    def log_prob(self, x: torch.Tensor, y=None) -> torch.Tensor:
+        """log p(x) in nats, shape (B,): prior log-density of the latents plus log|det J|."""
+        _, logdet, log_prior = self.encode(x, y)
+        return log_prior + logdet
+
+    # -- latents -> data -------------------------------------------------------------------
+    def decode(self, zs: list[torch.Tensor | None] | None = None, n: int | None = None, y=None,
+               temperature: float = 1.0, generator=None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Top-down inverse.  Latents that are None (or all of them, with ``n``) are drawn from
+        their priors at ``temperature``.  Returns (x, the latents used, log|det dx/dz|)."""
+        num_levels = len(self.levels)
+        if zs is None:
+            if n is None:
+                raise ValueError("decode needs latents zs or a number of samples n")
+            zs = [None] * num_levels
+        if len(zs) != num_levels:
+            raise ValueError(f"expected {num_levels} latents (one per level), got {len(zs)}")
+        used = list(zs)
+        h = zs[-1]
+        if h is None:
+            if n is None:
+                raise ValueError("decode needs the top latent or a number of samples n")
+            h = self.top_prior.sample(n, temperature, y, generator)
+        used[-1] = h
+        logdet = zero_logdet(h)
+        for i in reversed(range(num_levels)):
+            if i < len(self.splits):
+                h, used[i] = self.splits[i].inverse(h, zs[i], temperature, generator)
+            h, ld = self.levels[i].inverse(h)
+            logdet = logdet + ld
+        return h, used, logdet
+
+    def inverse(self, zs: list[torch.Tensor], y=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents -> (x, log|det dx/dz|); the exact inverse of ``forward``."""
+        x, _, logdet = self.decode(zs, y=y)
+        return x, logdet
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, y=None, generator=None, return_latents: bool = False):
+        """Draw n images at ``temperature`` (T scales every level's prior std; T=0 gives the means)."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        param = next(self.parameters())
+        if y is not None:
+            y = torch.as_tensor(y, device=param.device).long().flatten()
+            if y.numel() == 1 and n > 1:
+                y = y.expand(n)
+        x, zs, _ = self.decode(n=n, y=y, temperature=temperature, generator=generator)
+        return (x, zs) if return_latents else x
