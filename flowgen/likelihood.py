@@ -79,8 +79,8 @@ def log_likelihood_bound(log_p_y: torch.Tensor, num_dims: int, num_levels: int,
 
     ``log_q`` is None for uniform dequantisation (log q = 0 on [0,1)^D).
     """
-    bound = _float(log_p_y) + discretization_log_volume(num_dims, num_levels)
-    return bound if log_q is None else bound - _float(log_q)
+    log_w = _float(log_p_y) if log_q is None else _float(log_p_y) - _float(log_q)
+    return log_w + discretization_log_volume(num_dims, num_levels)
 
 
 def importance_weighted_bound(log_p_y: torch.Tensor, log_q: torch.Tensor, num_dims: int,
