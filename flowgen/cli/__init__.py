@@ -1,0 +1,14 @@
+"""What the entry points call: compose, build, run, report."""
+
+from datetime import datetime
+
+from omegaconf import OmegaConf
+
+
+def _run_dir_name(name) -> str:
+    """A run directory named by ``run_name`` when set (deterministic), else by the start time."""
+    return str(name) if name else datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+if not OmegaConf.has_resolver("run_dir_name"):
+    OmegaConf.register_new_resolver("run_dir_name", _run_dir_name)

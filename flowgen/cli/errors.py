@@ -1,0 +1,41 @@
+"""User mistakes end in ONE clear line and a non-zero exit; bugs keep their traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from hydra.errors import InstantiationException
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake in the command line, the config or the files that the user can fix."""
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """Hydra wraps errors raised by a ``_target_`` constructor; the user wants the original."""
+    while isinstance(exc, InstantiationException) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def is_user_error(exc: BaseException) -> bool:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    return isinstance(exc, UserError | ValueError | FileNotFoundError | MisconfigurationException)
+
+
+def run_reporting_errors(fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """Call ``fn``; a user error prints ``error: <one line>`` to stderr and exits with status 2."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - filtered just below
+        cause = _root_cause(exc)
+        if not is_user_error(cause):
+            raise
+        message = " ".join(str(cause).split())  # one line, whatever the original formatting
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)

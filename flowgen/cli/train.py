@@ -1,0 +1,131 @@
+"""``python train.py``: build everything from the composed config, train, test, report."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from flowgen.cli.checkpoints import refuse_to_overwrite, resolve_ckpt_path
+from flowgen.cli.errors import UserError
+from flowgen.cli.loggers import build_loggers
+from flowgen.training import FlowModule
+
+CONFIG_FILE = "config.yaml"
+
+
+def build_module(cfg: DictConfig, num_levels: int) -> FlowModule:
+    """The flow, its dequantizer and the optimisation settings, from the config alone."""
+    model = instantiate(cfg.model)
+    dequantizer = instantiate(cfg.dequantization, num_levels=num_levels)
+    return FlowModule(
+        model=model,
+        dequantizer=dequantizer,
+        num_levels=num_levels,
+        optimizer=instantiate(cfg.optimizer, _convert_="all"),  # plain lists: checkpoints load weights_only
+        warmup_steps=cfg.scheduler.warmup_steps,
+        schedule=cfg.scheduler.schedule,
+        min_lr_ratio=cfg.scheduler.min_lr_ratio,
+        ema_decay=cfg.get("ema_decay"),
+        class_conditional=bool(cfg.model.get("num_classes")),
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def _check_labels(cfg: DictConfig, datamodule) -> None:
+    wanted = cfg.model.get("num_classes")
+    if wanted and not datamodule.num_classes:
+        raise UserError(f"model.num_classes={wanted} needs a labelled dataset, but data={cfg.data.name} has no labels")
+    if wanted and datamodule.num_classes and wanted != datamodule.num_classes:
+        raise UserError(f"model.num_classes={wanted} but data={cfg.data.name} has {datamodule.num_classes} classes; "
+                        "set model.num_classes=${data.num_classes}")
+
+
+def _report_batch(cfg: DictConfig, trainer: L.Trainer) -> None:
+    per_device = cfg.data.batch_size
+    devices, nodes = trainer.num_devices, trainer.num_nodes
+    accumulate = trainer.accumulate_grad_batches
+    total = per_device * devices * nodes * accumulate
+    lr = cfg.optimizer.get("lr")
+    print(f"global batch {total} = {per_device} per device x {devices} devices x {nodes} nodes x "
+          f"{accumulate} accumulation; learning rate {lr} (not rescaled: set optimizer.lr to scale it)", flush=True)
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Train (and test) as configured; returns the best ``val/bpd`` (the metric sweeps minimise)."""
+    run_dir = Path(cfg.paths.output_dir)
+    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    if ckpt is None and cfg.get("train", True) and not cfg.get("overwrite", False):
+        refuse_to_overwrite(run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+
+    datamodule = instantiate(cfg.data)
+    _check_labels(cfg, datamodule)
+    module = build_module(cfg, datamodule.num_levels)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    loggers = build_loggers(cfg.get("logger"), run_dir)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / CONFIG_FILE, resolve=True)
+        _report_batch(cfg, trainer)
+    if ckpt is not None:
+        print(f"resuming from {ckpt}", flush=True)
+
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        _save_final_checkpoint(trainer, run_dir)
+    val_bpd = _metric(trainer, "val/bpd")
+    checkpoint_cb = trainer.checkpoint_callback
+    best = getattr(checkpoint_cb, "best_model_path", "") if checkpoint_cb else ""
+    if best and getattr(checkpoint_cb, "best_model_score", None) is not None:
+        val_bpd = float(checkpoint_cb.best_model_score)
+
+    test_bpd = None
+    if cfg.get("test", False):
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or (None if cfg.get("train", True) else ckpt))
+        test_bpd = _metric(trainer, "test/bpd")
+
+    if trainer.is_global_zero:
+        _summary(run_dir, trainer, val_bpd, test_bpd, best)
+    return val_bpd
+
+
+def _save_final_checkpoint(trainer: L.Trainer, run_dir: Path) -> None:
+    """Make last.ckpt hold the final step: Lightning saves at epoch/validation ends only, so a run
+    stopped by max_steps in the middle of an epoch would otherwise lose its last steps."""
+    callback = trainer.checkpoint_callback
+    if callback is None or not getattr(callback, "save_last", False) or trainer.interrupted:
+        return
+    last = Path(callback.dirpath or run_dir / "checkpoints") / "last.ckpt"
+    saved_step = getattr(callback, "_last_global_step_saved", None)
+    if saved_step != trainer.global_step or not last.is_file():
+        trainer.save_checkpoint(last)
+        callback.last_model_path = str(last)
+
+
+def _metric(trainer: L.Trainer, name: str) -> float | None:
+    value = trainer.callback_metrics.get(name)
+    return None if value is None else float(value)
+
+
+def _summary(run_dir: Path, trainer: L.Trainer, val_bpd, test_bpd, best: str) -> None:
+    def fmt(v):
+        return "n/a" if v is None or not math.isfinite(v) else f"{v:.4f}"
+
+    samples = sorted((run_dir / "samples").glob("*.png"))
+    lines = [
+        f"run directory: {run_dir}",
+        f"  steps: {trainer.global_step}, epochs: {trainer.current_epoch}",
+        f"  val/bpd (best): {fmt(val_bpd)}   test/bpd: {fmt(test_bpd)}",
+        f"  checkpoints: {run_dir / 'checkpoints'}" + (f" (best: {Path(best).name})" if best else ""),
+        f"  samples: {samples[-1] if samples else 'none'}",
+        f"  config: {run_dir / CONFIG_FILE}",
+    ]
+    print("\n".join(lines), flush=True)
