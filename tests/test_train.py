@@ -101,8 +101,9 @@ def test_default_command_uses_wandb_offline_with_a_notice(tmp_path):
 def test_user_mistakes_end_in_one_clear_line(tmp_path, args, message):
     run = run_entry("train.py", ["logger=csv", *FAST, *args], tmp_path)
     assert run.returncode == 2, run.output[-3000:]
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0].lower(), run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0].lower(), run.stderr
+    assert "Traceback" not in run.output
 
 
 def test_a_new_run_never_overwrites_checkpoints(tmp_path):
