@@ -1,0 +1,229 @@
+"""``ImageDataModule``: one LightningDataModule for every dataset flowgen trains on.
+
+Batches are ``(x, y)``: x uint8 (B, C, H, W) of integer levels in {0..K-1}, y int64 (B,)
+labels, -1 where the dataset has none. Dequantisation happens later, in the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from flowgen.data import digits, folder, imagenet_downsampled, torchvision_sets
+from flowgen.data.quantize import levels_for_bits
+from flowgen.data.splits import LevelImages, RawSplits
+from flowgen.data.transforms import pixel_pipeline
+
+DATASETS = (
+    "cifar10",
+    "mnist",
+    "fashion_mnist",
+    "svhn",
+    "celeba",
+    "imagenet32",
+    "imagenet64",
+    "folder",
+    "digits",
+)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Train / val / test loaders of integer pixel levels for the dataset ``name``.
+
+    Files are looked for under ``root`` (see configs/data/<name>.yaml for the exact place);
+    ``prepare_data`` downloads missing ones when ``download`` is set and torchvision can,
+    ``setup`` never touches the network. ``val_size`` (a count, or a fraction of train) is
+    held out of train with ``split_seed`` for datasets without an official val split.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        root: str | Path = "data",
+        image_size: int = 32,
+        channels: int = 3,
+        n_bits: int | None = 8,
+        num_levels: int | None = None,
+        num_classes: int | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        hflip: bool = False,
+        val_size: int | float = 5000,
+        split_seed: int = 0,
+        download: bool = False,
+        path: str | Path | None = None,
+        max_items: int | None = None,
+    ) -> None:
+        super().__init__()
+        _validate(
+            name=name, image_size=image_size, channels=channels, n_bits=n_bits,
+            num_levels=num_levels, batch_size=batch_size, eval_batch_size=eval_batch_size,
+            num_workers=num_workers, val_size=val_size, path=path, max_items=max_items,
+        )  # fmt: skip
+        self.save_hyperparameters(logger=False)
+        self.name, self.root, self.path = name, Path(root).expanduser(), path
+        self.image_size, self.channels, self.n_bits = image_size, channels, n_bits
+        self._num_levels = 17 if name == "digits" else levels_for_bits(n_bits)
+        self._num_classes = num_classes
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.hflip, self.val_size, self.split_seed = hflip, val_size, split_seed
+        self.download, self.max_items = download, max_items
+        self._source_classes: int | None = None  # folder: set by setup()
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    # ---- what the model needs to know ------------------------------------------------
+    @property
+    def num_levels(self) -> int:
+        """K: pixels are integers in {0..K-1}."""
+        return self._num_levels
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    @property
+    def num_classes(self) -> int | None:
+        """From the config if given, else the dataset's (None: no labels, y = -1)."""
+        if self._num_classes is not None:
+            return self._num_classes
+        if self.name in torchvision_sets.SETS:
+            return torchvision_sets.SETS[self.name].num_classes
+        if self.name.startswith("imagenet"):
+            return imagenet_downsampled.NUM_CLASSES
+        if self.name == "digits":
+            return 10
+        self.setup()  # folder: known once the directory has been scanned
+        return self._source_classes
+
+    # ---- Lightning hooks -------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Rank 0 only: download what is missing (if allowed), or fail early and clearly."""
+        if self.name in torchvision_sets.SETS:
+            torchvision_sets.prepare(self.name, self.root, download=self.download)
+        elif self.name.startswith("imagenet"):
+            imagenet_downsampled.check_files(self.root, int(self.name.removeprefix("imagenet")))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build all three splits once (every rank; never downloads)."""
+        if self.train_set is not None:
+            return
+        raw = self._load_raw()
+        self._source_classes = raw.num_classes
+
+        def wrap(split: Dataset, train: bool) -> LevelImages:
+            hflip = self.hflip and train
+            transform = pixel_pipeline(
+                raw.geometry, channels=self.channels, n_bits=self.n_bits, hflip=hflip
+            )
+            return LevelImages(split, transform, self.max_items)
+
+        self.train_set = wrap(raw.train, train=True)
+        self.val_set = wrap(raw.val, train=False)
+        self.test_set = wrap(raw.test, train=False)
+
+    def _load_raw(self) -> RawSplits:
+        common = dict(
+            image_size=self.image_size, val_size=self.val_size, split_seed=self.split_seed
+        )
+        if self.name in torchvision_sets.SETS:
+            return torchvision_sets.load(self.name, self.root, **common)
+        if self.name.startswith("imagenet"):
+            size = int(self.name.removeprefix("imagenet"))
+            return imagenet_downsampled.load(self.root, size=size, **common)
+        if self.name == "folder":
+            return folder.load(self.path, **common)
+        return digits.load(**common)
+
+    # ---- loaders ---------------------------------------------------------------------
+    def _loader(self, dataset: Dataset | None, batch_size: int, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking ImageDataModule for a dataloader")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            # Training sees full batches only (ActNorm init and per-batch bpd stay comparable);
+            # evaluation must see every image exactly once, in a fixed order.
+            shuffle=train,
+            drop_last=train and len(dataset) > batch_size,
+            num_workers=self.num_workers,
+            # Pinning only helps host-to-GPU copies; without CUDA it only warns.
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.eval_batch_size, train=False)
+
+
+def _validate(
+    *,
+    name: str,
+    image_size: int,
+    channels: int,
+    n_bits: int | None,
+    num_levels: int | None,
+    batch_size: int,
+    eval_batch_size: int | None,
+    num_workers: int,
+    val_size: int | float,
+    path: str | Path | None,
+    max_items: int | None,
+) -> None:
+    """Constructor arguments a user can get wrong, each refused in one line with the fix."""
+
+    def is_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if name not in DATASETS:
+        raise ValueError(
+            f"data.name={name!r} is not a dataset; choose one of {', '.join(DATASETS)}"
+        )
+    if not is_int(image_size) or image_size < 1:
+        raise ValueError(f"data.image_size={image_size!r} must be a positive int")
+    if channels not in (1, 3) or not is_int(channels):
+        raise ValueError(f"data.channels={channels!r} must be 1 (grayscale) or 3 (RGB)")
+    if name == "digits":
+        if n_bits is not None:
+            raise ValueError(
+                f"data.n_bits={n_bits!r}: digits has its own 17 levels 0..16; set data.n_bits=null"
+            )
+        if num_levels not in (None, 17):
+            raise ValueError(
+                f"data.num_levels={num_levels!r}: digits has 17 levels; set null or 17"
+            )
+    else:
+        if not is_int(n_bits) or not 1 <= n_bits <= 8:
+            raise ValueError(f"data.n_bits={n_bits!r} must be an int in 1..8 (8 = full 256 levels)")
+        if num_levels is not None and num_levels != 2**n_bits:
+            raise ValueError(
+                f"data.num_levels={num_levels!r} contradicts n_bits={n_bits} "
+                f"(2**n_bits = {2**n_bits}); set data.num_levels=null"
+            )
+    for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        if value is not None and (not is_int(value) or value < 1):
+            raise ValueError(f"data.{key}={value!r} must be an int >= 1")
+    if not is_int(num_workers) or num_workers < 0:
+        raise ValueError(f"data.num_workers={num_workers!r} must be an int >= 0")
+    fraction = isinstance(val_size, float) and 0 <= val_size < 1
+    if not (fraction or (is_int(val_size) and val_size >= 0)):
+        raise ValueError(f"data.val_size={val_size!r} must be a count >= 0 or a fraction in [0, 1)")
+    if name == "folder" and path in (None, ""):
+        raise ValueError("data=folder needs data.path=<a directory of images>")
+    if max_items is not None and (not is_int(max_items) or max_items < 1):
+        raise ValueError(f"data.max_items={max_items!r} must be null or an int >= 1")
