@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
@@ -43,3 +47,36 @@ def jacobian_logdets(fn, x: torch.Tensor) -> torch.Tensor:
         jac = torch.autograd.functional.jacobian(single, xb).reshape(xb.numel(), xb.numel())
         out.append(torch.linalg.slogdet(jac)[1])
     return torch.stack(out)
+
+
+# ---- trained runs shared by the CLI tests (a few steps on digits, once per session) ---------------
+
+@dataclass
+class TrainedRun:
+    root: Path  # the tmp project directory the run was launched in (logs/, data/)
+    run_dir: Path
+    stdout: str
+
+
+def _train_once(tmp_path_factory, name: str, extra: list[str]) -> TrainedRun:
+    from tests.train_runner import FAST, run_dir, run_entry
+
+    root = tmp_path_factory.mktemp(name)
+    args = ["logger=csv", f"run_name={name}", "model.hidden_channels=16", *FAST,
+            "trainer.limit_test_batches=null", *extra]
+    run = run_entry("train.py", args, root)
+    assert run.returncode == 0, run.output[-3000:]
+    return TrainedRun(root, run_dir(root, name), run.stdout)
+
+
+@pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory) -> TrainedRun:
+    """Glow on digits for 6 steps, with an EMA of the weights; tested on the whole test split."""
+    return _train_once(tmp_path_factory, "digits", ["ema_decay=0.9"])
+
+
+@pytest.fixture(scope="session")
+def trained_conditional(tmp_path_factory) -> TrainedRun:
+    """A class-conditional Glow on digits with variational dequantization, 6 steps."""
+    return _train_once(tmp_path_factory, "conditional",
+                       ["model.num_classes=10", "dequantization=variational", "test=false"])

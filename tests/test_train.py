@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.test_data import write_cifar10
+from tests.fake_datasets import write_cifar10
 from tests.train_runner import FAST, run_dir, run_entry
 
 
@@ -42,7 +42,8 @@ def test_train_on_digits(tmp_path, model, dequantization):
     assert "val/bpd (best)" in run.stdout and str(directory) in run.stdout
     ckpt = torch.load(directory / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6
-    assert ckpt["hyper_parameters"]["run_config"]["model"]["_target_"].endswith(model.split("_")[0].replace("glow", "Glow").replace("realnvp", "RealNVP"))
+    target = ckpt["hyper_parameters"]["run_config"]["model"]["_target_"]
+    assert target == {"glow_small": "flowgen.models.Glow", "realnvp_small": "flowgen.models.RealNVP"}[model]
 
 
 @pytest.mark.parametrize("model, dequantization", [

@@ -8,6 +8,7 @@ from flowgen.cli.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
+CONFIG_FILE = "config.yaml"  # the run's resolved config, next to its checkpoints
 
 
 def find_in_run_dir(run_dir: Path) -> Path | None:

@@ -10,12 +10,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from flowgen.cli.checkpoints import refuse_to_overwrite, resolve_ckpt_path
+from flowgen.cli.checkpoints import CONFIG_FILE, refuse_to_overwrite, resolve_ckpt_path
 from flowgen.cli.errors import UserError
 from flowgen.cli.loggers import build_loggers
 from flowgen.training import FlowModule
-
-CONFIG_FILE = "config.yaml"
 
 
 def build_module(cfg: DictConfig, num_levels: int) -> FlowModule:
@@ -32,6 +30,8 @@ def build_module(cfg: DictConfig, num_levels: int) -> FlowModule:
         min_lr_ratio=cfg.scheduler.min_lr_ratio,
         ema_decay=cfg.get("ema_decay"),
         class_conditional=bool(cfg.model.get("num_classes")),
+        eval_samples=OmegaConf.select(cfg, "evaluation.num_samples", default=1),
+        eval_seed=OmegaConf.select(cfg, "evaluation.seed", default=0),
         run_config=OmegaConf.to_container(cfg, resolve=True),
     )
 

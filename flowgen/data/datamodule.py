@@ -78,6 +78,7 @@ class ImageDataModule(L.LightningDataModule):
         self.download, self.max_items = download, max_items
         self._source_classes: int | None = None  # folder: set by setup()
         self.train_set: Dataset | None = None
+        self.train_set_unaugmented: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
@@ -128,6 +129,7 @@ class ImageDataModule(L.LightningDataModule):
             return LevelImages(split, transform, self.max_items)
 
         self.train_set = wrap(raw.train, train=True)
+        self.train_set_unaugmented = wrap(raw.train, train=False)
         self.val_set = wrap(raw.val, train=False)
         self.test_set = wrap(raw.test, train=False)
 
@@ -169,6 +171,13 @@ class ImageDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, self.eval_batch_size, train=False)
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """Every image of ``split`` (train, val or test) exactly once, in order, never augmented."""
+        sets = {"train": self.train_set_unaugmented, "val": self.val_set, "test": self.test_set}
+        if split not in sets:
+            raise ValueError(f"split={split!r} is not a split; choose train, val or test")
+        return self._loader(sets[split], self.eval_batch_size, train=False)
 
 
 def _validate(

@@ -3,12 +3,13 @@
 A dequantizer turns integer pixels x ∈ {0, …, K-1}^D into a model input and the log-density
 of the noise it drew (see flowgen/likelihood.py for the bound these two terms enter):
 
-    forward(x) -> (y, log_q)      y = (x + u)/K - 1/2 ∈ [-1/2, 1/2)^D  (float32, shape of x)
+    forward(x, generator=None) -> (y, log_q)      y = (x + u)/K - 1/2 ∈ [-1/2, 1/2)^D  (float32, shape of x)
                                   log_q = log q(u | x)                 (float32, shape (B,))
 
 with u ∈ [0, 1)^D drawn from q(· | x).  ``draw_noise(x) -> (u, log_q)`` is the same draw
 before the rescaling, and ``sample_noise(x, S)`` stacks S independent draws for the
-importance-weighted bound.
+importance-weighted bound.  A ``torch.Generator`` (on x's device) makes a draw reproducible
+without touching the global RNG; evaluation uses one per batch.
 
 Why y is clamped to a per-level table.  In float32, y = (x + u)/K - 1/2 is rounded two or
 three times, and within a few ulps of a bin edge the rounding can carry y into the
@@ -60,23 +61,25 @@ class Dequantization(nn.Module):
         self.num_levels = num_levels
         self._bounds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per device; not state
 
-    def draw_noise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+    def draw_noise(self, x: torch.Tensor, generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
         """(u ∈ [0,1)^D shaped like x, log q(u|x) of shape (B,))."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self.check_pixels(x)
-        u, log_q = self.draw_noise(x)
+        u, log_q = self.draw_noise(x, generator)
         return self.model_input(x, u), log_q.float()
 
-    def sample_noise(self, x: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_noise(self, x: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """S independent draws per image: y of shape (S, B, C, H, W), log_q of shape (S, B).
 
         One ``forward`` per sample, so memory stays that of a single draw whatever S is.
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        draws = [self(x) for _ in range(num_samples)]
+        draws = [self(x, generator) for _ in range(num_samples)]
         return torch.stack([y for y, _ in draws]), torch.stack([log_q for _, log_q in draws])
 
     def check_pixels(self, x: torch.Tensor) -> None:

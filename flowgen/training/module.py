@@ -12,7 +12,9 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from flowgen.likelihood import log_likelihood_bound, nats_to_bpd, to_unit_interval
+from flowgen.evaluation import batch_generator, likelihood_bounds
+from flowgen.likelihood import bits_per_dim, log_likelihood_bound, nats_to_bpd
+from flowgen.sampling import sample_pixels
 from flowgen.training.ema import EMA
 from flowgen.training.schedules import warmup_then
 
@@ -23,7 +25,9 @@ class FlowModule(L.LightningModule):
     Per image the loss is the negative dequantized log-likelihood bound in bits per dimension
     (see ``flowgen.likelihood``):  bpd = -(log p(y) - log q(u|x) - D log K) / (D ln 2).
     Validation and test report exact averages over images (``MeanMetric`` weights each image
-    once, and sums across ranks), never averages of batch means.
+    once, and sums across ranks), never averages of batch means.  They score with
+    ``flowgen.evaluation.likelihood_bounds`` (the code ``evaluate.py`` runs) on noise seeded per
+    batch, so the val curve is not jittered by fresh noise and ``evaluate.py`` reproduces test/bpd.
 
     Args:
         model: a flow with ``log_prob(y, labels)`` and ``sample(n, temperature, y, generator)``.
@@ -33,6 +37,8 @@ class FlowModule(L.LightningModule):
         warmup_steps / schedule / min_lr_ratio: the learning-rate schedule (``training.schedules``).
         ema_decay: keep an EMA of the flow's weights, used for validation, test and sampling.
         class_conditional: feed the dataset labels to the model's class-conditional prior.
+        eval_samples: S, dequantization draws averaged per image in validation and test.
+        eval_seed: seeds the per-batch validation/test noise (``evaluation.batch_generator``).
         run_config: the resolved run configuration, saved in every checkpoint so that the
             model can be rebuilt from the checkpoint alone.
     """
@@ -48,6 +54,8 @@ class FlowModule(L.LightningModule):
         min_lr_ratio: float = 0.0,
         ema_decay: float | None = None,
         class_conditional: bool = False,
+        eval_samples: int = 1,
+        eval_seed: int = 0,
         run_config: dict[str, Any] | None = None,
     ):
         super().__init__()
@@ -101,12 +109,22 @@ class FlowModule(L.LightningModule):
     def on_train_epoch_start(self):
         self._last_batch_end = None  # do not count validation and data-loader start-up as step time
 
+    def eval_bpd(self, batch, batch_idx) -> torch.Tensor:
+        """Per-image bpd of the eval weights (ELBO over ``eval_samples`` draws), shape (B,)."""
+        x, labels = batch
+        # batches of different ranks get different noise; one process reproduces evaluate.py
+        index = batch_idx * self.trainer.world_size + self.trainer.global_rank
+        generator = batch_generator(x.device, self.hparams.eval_seed, index)
+        elbo, _, _ = likelihood_bounds(self.eval_model, self.dequantizer, x, labels if self.class_conditional else None,
+                                       self.hparams.eval_samples, generator)
+        return bits_per_dim(elbo, self.num_dims)
+
     def validation_step(self, batch, batch_idx):
-        self.val_bpd.update(nats_to_bpd(self.nll_nats(batch, self.eval_model), self.num_dims))
+        self.val_bpd.update(self.eval_bpd(batch, batch_idx))
         self.log("val/bpd", self.val_bpd, on_step=False, on_epoch=True, prog_bar=True)
 
     def test_step(self, batch, batch_idx):
-        self.test_bpd.update(nats_to_bpd(self.nll_nats(batch, self.eval_model), self.num_dims))
+        self.test_bpd.update(self.eval_bpd(batch, batch_idx))
         self.log("test/bpd", self.test_bpd, on_step=False, on_epoch=True)
 
     # -- optimisation ----------------------------------------------------------------------------
@@ -119,14 +137,6 @@ class FlowModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- sampling ----------------------------------------------------------------------------------
-    @torch.no_grad()
     def sample_pixels(self, n: int, temperature: float, labels=None, generator=None) -> torch.Tensor:
         """n images at ``temperature`` as intensities in [0, 1] (bin centres), from the eval weights."""
-        model = self.eval_model
-        was_training = model.training
-        model.eval()
-        try:
-            y = model.sample(n, temperature=temperature, y=labels, generator=generator)
-        finally:
-            model.train(was_training)
-        return to_unit_interval(y, self.num_levels)
+        return sample_pixels(self.eval_model, self.num_levels, n, temperature, labels, generator)

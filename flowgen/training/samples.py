@@ -8,7 +8,9 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
+
+from flowgen.sampling import image_grid, num_classes_of, temperature_rows
 
 
 class SampleGrid(L.Callback):
@@ -39,15 +41,12 @@ class SampleGrid(L.Callback):
     def grid(self, pl_module) -> torch.Tensor:
         """(3, H', W') image grid of samples, rows = temperatures."""
         device = pl_module.device
-        embedding = getattr(getattr(pl_module.eval_model, "top_prior", None), "class_embedding", None)
-        labels = None
-        if embedding is not None:
-            labels = torch.arange(self.num_per_row, device=device) % embedding.num_classes
-        rows = []
-        for temperature in self.temperatures:
-            generator = torch.Generator(device=device).manual_seed(self.seed)
-            rows.append(pl_module.sample_pixels(self.num_per_row, temperature, labels, generator))
-        return make_grid(torch.cat(rows).float().cpu(), nrow=self.num_per_row, padding=1, pad_value=1.0)
+        model = pl_module.eval_model
+        num_classes = num_classes_of(model)
+        labels = None if num_classes is None else torch.arange(self.num_per_row, device=device) % num_classes
+        images = temperature_rows(model, pl_module.num_levels, self.num_per_row, self.temperatures, labels,
+                                  self.seed, device)
+        return image_grid(images, self.num_per_row)
 
     @rank_zero_only
     def write(self, trainer, pl_module) -> Path:

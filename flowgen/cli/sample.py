@@ -1,0 +1,130 @@
+"""``python sample.py ckpt_path=<run dir or .ckpt>``: sample grids, interpolations and reconstructions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torchvision.utils import save_image
+
+from flowgen.cli.errors import UserError
+from flowgen.cli.restore import RestoredRun, instantiate_data, resolve_device, restore_run
+from flowgen.latents import METHODS, interpolate, reconstruct
+from flowgen.likelihood import to_unit_interval
+from flowgen.sampling import image_grid, num_classes_of, temperature_rows
+
+MODES = ("sample", "interpolate", "reconstruct")
+
+
+def sample(cfg: DictConfig) -> list[Path]:
+    """Run the configured mode; returns (and prints) the paths written."""
+    _check(cfg)
+    device = resolve_device(cfg.device)
+    run = restore_run(cfg.ckpt_path, use_ema=cfg.use_ema, device=device)
+    out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else run.run_dir / "generated"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    weights = "ema" if run.uses_ema else "raw"
+    print(f"checkpoint: {run.ckpt} ({weights} weights, {device})", flush=True)
+    if cfg.mode == "sample":
+        paths = _sample_grids(cfg, run, out_dir, device)
+    elif cfg.mode == "interpolate":
+        paths = _interpolation(cfg, run, out_dir, device)
+    else:
+        paths = _reconstruction(cfg, run, out_dir, device)
+    for path in paths:
+        print(f"wrote {path}", flush=True)
+    return paths
+
+
+def _check(cfg: DictConfig) -> None:
+    if cfg.mode not in MODES:
+        raise UserError(f"mode={cfg.mode!r}; choose one of {', '.join(MODES)}")
+    temperatures = list(cfg.temperatures)
+    if not temperatures or any(not isinstance(t, int | float) or isinstance(t, bool) for t in temperatures):
+        raise UserError(f"temperatures={temperatures} must be a non-empty list of numbers, e.g. [0.5,0.7,1.0]")
+    if any(t < 0 for t in temperatures):
+        raise UserError(f"temperatures={temperatures}: a temperature must be >= 0 (0 gives the prior means)")
+    for key in ("n", "upscale", "steps", "num_images"):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+            raise UserError(f"{key}={cfg[key]!r} must be an integer >= 1")
+    if cfg.mode == "interpolate" and cfg.steps < 2:
+        raise UserError(f"steps={cfg.steps} must be >= 2 to interpolate between two images")
+    if cfg.interpolation not in METHODS:
+        raise UserError(f"interpolation={cfg.interpolation!r}; choose one of {', '.join(METHODS)}")
+
+
+def _labels(cfg: DictConfig, run: RestoredRun, device) -> tuple[list[tuple[str, torch.Tensor | None]], int | None]:
+    """[(file tag, labels of one row)] for the grids, and the number of classes."""
+    num_classes = num_classes_of(run.model)
+    label = cfg.get("label")
+    if num_classes is None:
+        if label is not None:
+            raise UserError(f"label={label}: this model is not class-conditional (model.num_classes was not set)")
+        return [("", None)], None
+    if label is None:  # every row shows every class, column j from class j mod C
+        return [("", torch.arange(cfg.n, device=device) % num_classes)], num_classes
+    if label == "all":
+        return [(f"_class{c}", torch.full((cfg.n,), c, device=device)) for c in range(num_classes)], num_classes
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < num_classes:
+        raise UserError(f"label={label!r} is outside the model's classes 0..{num_classes - 1} (or use label=all)")
+    return [(f"_class{label}", torch.full((cfg.n,), label, device=device))], num_classes
+
+
+def _sample_grids(cfg: DictConfig, run: RestoredRun, out_dir: Path, device) -> list[Path]:
+    """One grid per label choice: rows = temperatures (same noise per row), n columns."""
+    temperatures = [float(t) for t in cfg.temperatures]
+    tag_t = "-".join(f"{t:g}" for t in temperatures)
+    paths = []
+    for tag, labels in _labels(cfg, run, device)[0]:
+        images = temperature_rows(run.model, run.module.num_levels, cfg.n, temperatures, labels, cfg.seed, device)
+        path = out_dir / f"samples_seed{cfg.seed}_T{tag_t}{tag}.png"
+        save_image(image_grid(images, cfg.n, cfg.upscale), path)
+        paths.append(path)
+        if cfg.save_individual:
+            folder = path.with_suffix("")
+            folder.mkdir(exist_ok=True)
+            for i, image in enumerate(images.cpu()):
+                save_image(image, folder / f"T{temperatures[i // cfg.n]:g}_{i % cfg.n:03d}.png")
+            paths.append(folder)
+    return paths
+
+
+def _images(cfg: DictConfig, run: RestoredRun, device, indices) -> torch.Tensor:
+    """Model inputs y of dataset images (the run's data, split ``cfg.split``), dequantized at bin centres."""
+    datamodule = instantiate_data(run.cfg.data)
+    loader = datamodule.eval_dataloader(cfg.split)
+    dataset = loader.dataset
+    for i in indices:
+        if not isinstance(i, int) or not 0 <= i < len(dataset):
+            raise UserError(f"image index {i!r} is outside the {cfg.split} split (0..{len(dataset) - 1})")
+    x = torch.stack([torch.as_tensor(dataset[i][0]) for i in indices]).to(device)
+    # the bin centre u = 1/2 is the natural deterministic dequantization of an image
+    return run.module.dequantizer.model_input(x, torch.full(x.shape, 0.5, device=device))
+
+
+def _interpolation(cfg: DictConfig, run: RestoredRun, out_dir: Path, device) -> list[Path]:
+    indices = list(cfg.indices)
+    if len(indices) != 2:
+        raise UserError(f"indices={indices}: interpolate needs exactly two image indices, e.g. indices=[0,1]")
+    y = _images(cfg, run, device, indices)
+    path_images = interpolate(run.model, y[0], y[1], cfg.steps, cfg.interpolation)
+    pixels = to_unit_interval(path_images, run.module.num_levels)
+    path = out_dir / f"interpolate_{cfg.interpolation}_{cfg.split}{indices[0]}-{indices[1]}_steps{cfg.steps}.png"
+    save_image(image_grid(pixels, cfg.steps, cfg.upscale), path)
+    return [path]
+
+
+def _reconstruction(cfg: DictConfig, run: RestoredRun, out_dir: Path, device) -> list[Path]:
+    """Top row the images, bottom row decode(encode(image)); prints max |difference|."""
+    indices = list(range(cfg.num_images))
+    y = _images(cfg, run, device, indices)
+    y_rec = reconstruct(run.model, y)
+    error = float((y_rec - y).abs().max())
+    print(f"reconstruction max|decode(encode(y)) - y| = {error:.3g} over {len(indices)} {cfg.split} images", flush=True)
+    num_levels = run.module.num_levels
+    pixels = torch.cat([to_unit_interval(y, num_levels), to_unit_interval(y_rec, num_levels)])
+    path = out_dir / f"reconstruct_{cfg.split}_n{cfg.num_images}.png"
+    save_image(image_grid(pixels, cfg.num_images, cfg.upscale), path)
+    return [path]
