@@ -61,3 +61,19 @@ def interpolate(model: nn.Module, y_a: torch.Tensor, y_b: torch.Tensor, steps: i
     path = [interpolate_vectors(za[0], zb[0], t, method) for za, zb in zip(zs_a, zs_b, strict=True)]
     y, _ = model.inverse(path)
     return y
+
+
+@torch.no_grad()
+def level_reconstruction_errors(model: nn.Module, y: torch.Tensor) -> list[float]:
+    """max |f_l^{-1}(f_l(h_l)) - h_l| for each level l of a multi-scale flow, on that level's own input h_l.
+
+    Finds WHERE invertibility is lost: the end-to-end error of a deep flow mixes every level's.
+    """
+    errors = []
+    h = y
+    for i, level in enumerate(model.levels):
+        out, _ = level(h)
+        back, _ = level.inverse(out)
+        errors.append(float((back.float() - h.float()).abs().max()))
+        h = model.splits[i](out)[0] if i < len(model.splits) else out
+    return errors

@@ -81,8 +81,21 @@ def test_default_is_a_small_glow_on_digits(tmp_path):
     cfg = compose_train(tmp_path)
     assert cfg.data.name == "digits" and cfg.model._target_ == "flowgen.models.Glow"
     assert cfg.logger.wandb._target_.endswith("WandbLogger")
-    assert set(cfg.callbacks) == {"model_checkpoint", "samples", "lr_monitor", "rich_progress_bar"}
+    assert set(cfg.callbacks) == {"model_checkpoint", "samples", "nan_guard", "invertibility_monitor", "lr_monitor",
+                                  "rich_progress_bar"}
     assert cfg.callbacks.samples.temperatures == [0.5, 0.7, 0.8, 0.9, 1.0]
+
+
+@pytest.mark.parametrize("overrides, optimizer, ema", [
+    ([], "torch.optim.AdamW", 0.999),  # the default pair picks configs/tuned/digits_glow_small.yaml
+    (["experiment=digits"], "torch.optim.AdamW", 0.999),
+    (["~tuned"], "torch.optim.Adamax", None),
+    (["model=glow"], "torch.optim.Adamax", None),  # any other pair keeps the paper's optimizer
+    (["data=cifar10", "model=glow_small"], "torch.optim.Adamax", None),
+])
+def test_tuned_settings_apply_to_their_pair_only(tmp_path, overrides, optimizer, ema):
+    cfg = compose_train(tmp_path, overrides)
+    assert cfg.optimizer._target_ == optimizer and cfg.get("ema_decay") == ema
 
 
 def test_run_name_makes_the_run_directory_deterministic(tmp_path):

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
+
+import torch
+from torch import nn
 
 from flowgen.cli.errors import UserError
 
@@ -53,3 +58,51 @@ def refuse_to_overwrite(run_dir: Path) -> None:
             f"run directory {run_dir} already holds checkpoints ({existing[0].name}, ...): resume it with "
             "ckpt_path=last, choose another run_name, or pass overwrite=true to start over there"
         )
+
+
+def load_checkpoint(ckpt: Path, mmap: bool = False) -> dict:
+    """The checkpoint's dictionary, unpickled safely (tensors and plain data only), or one clear error.
+
+    ``mmap=True`` maps the tensors instead of reading them: a cheap check of a checkpoint before
+    Lightning loads it for real (a truncated file fails here, in its zip directory).
+    """
+    try:
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" in str(exc).lower():
+            raise UserError(f"checkpoint {ckpt} was refused: it carries pickled Python objects that could run code "
+                            "when loaded, and flowgen only loads tensors and plain data; use a checkpoint that "
+                            "flowgen wrote") from None
+        raise UserError(f"checkpoint {ckpt} cannot be read: not a checkpoint file ({_one_line(exc)})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise UserError(f"checkpoint {ckpt} cannot be read (truncated or not a checkpoint): {_one_line(exc)}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"checkpoint {ckpt} has no model weights (state_dict); it is not a Lightning checkpoint")
+    return checkpoint
+
+
+def check_state_matches(state: dict, module: nn.Module, ckpt: Path) -> None:
+    """The checkpoint's tensors have the names and shapes of the module's, or an error naming the differences."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} in the checkpoint vs {tuple(v.shape)} in the model"
+              for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or shapes):
+        return
+    def first(items: list[str], sep: str = ", ") -> str:
+        return sep.join(items[:3]) + (f"{sep}..." if len(items) > 3 else "")
+
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} shapes differ ({first(shapes, '; ')})")
+    if missing:
+        parts.append(f"{len(missing)} tensors missing ({first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({first(unexpected)})")
+    raise UserError(f"checkpoint {ckpt} was written by another architecture than this config builds: "
+                    f"{'; '.join(parts)}; use the run's own model settings (its config.yaml) or start a new run")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]

@@ -8,11 +8,11 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 
+from flowgen.errors import UserError
+
+__all__ = ["EXIT_USER_ERROR", "UserError", "is_user_error", "run_reporting_errors"]
+
 EXIT_USER_ERROR = 2
-
-
-class UserError(Exception):
-    """A mistake in the command line, the config or the files that the user can fix."""
 
 
 def _root_cause(exc: BaseException) -> BaseException:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from flowgen.cli.checkpoints import CHECKPOINT_DIR, CONFIG_FILE, LAST
+from flowgen.cli.checkpoints import CHECKPOINT_DIR, CONFIG_FILE, LAST, check_state_matches, load_checkpoint
 from flowgen.cli.errors import UserError
 from flowgen.training import FlowModule
 
@@ -62,18 +60,6 @@ def run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == CHECKPOINT_DIR else ckpt.parent
 
 
-def load_checkpoint(ckpt: Path) -> dict:
-    """The checkpoint's dictionary (tensors and plain types only), or one clear error."""
-    try:
-        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        reason = " ".join(str(exc).split())[:200]
-        raise UserError(f"checkpoint {ckpt} cannot be read (truncated or not a flowgen checkpoint): {reason}") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UserError(f"checkpoint {ckpt} has no model weights (state_dict); it is not a Lightning checkpoint")
-    return checkpoint
-
-
 def run_config(checkpoint: dict, ckpt: Path) -> DictConfig:
     """The configuration the checkpoint was trained with: the copy inside it, else the run's config.yaml."""
     saved = (checkpoint.get("hyper_parameters") or {}).get("run_config")
@@ -99,13 +85,8 @@ def restore_run(ckpt_path: str | Path, use_ema: bool = True, device: str | torch
         module = build_module(cfg, num_levels)
     except Exception as exc:  # noqa: BLE001 - any failure here means config and code disagree
         raise UserError(f"cannot rebuild the model of {ckpt} from its saved config: {exc}") from None
-    # the EMA copy exists only in runs trained with it; a checkpoint without it loads the raw weights
-    state = checkpoint["state_dict"]
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        reason = " ".join(str(exc).split())[:300]
-        raise UserError(f"checkpoint {ckpt} does not match the model its config builds: {reason}") from None
+    check_state_matches(checkpoint["state_dict"], module, ckpt)
+    module.load_state_dict(checkpoint["state_dict"], strict=True)
     module.to(device).eval()
     return RestoredRun(module=module, cfg=cfg, ckpt=ckpt, run_dir=run_dir_of(ckpt), use_ema=use_ema)
 

@@ -10,7 +10,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from flowgen.cli.checkpoints import CONFIG_FILE, refuse_to_overwrite, resolve_ckpt_path
+from flowgen.cli.checkpoints import (
+    CONFIG_FILE,
+    check_state_matches,
+    load_checkpoint,
+    refuse_to_overwrite,
+    resolve_ckpt_path,
+)
 from flowgen.cli.errors import UserError
 from flowgen.cli.loggers import build_loggers
 from flowgen.training import FlowModule
@@ -67,6 +73,8 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = instantiate(cfg.data)
     _check_labels(cfg, datamodule)
     module = build_module(cfg, datamodule.num_levels)
+    if ckpt is not None:  # a readable, safe checkpoint of this architecture, before Lightning loads it
+        check_state_matches(load_checkpoint(ckpt, mmap=True)["state_dict"], module, ckpt)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     loggers = build_loggers(cfg.get("logger"), run_dir)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -79,7 +87,8 @@ def train(cfg: DictConfig) -> float | None:
         print(f"resuming from {ckpt}", flush=True)
 
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        # weights_only: a checkpoint is data (tensors, numbers, strings), never code to unpickle and run
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         _save_final_checkpoint(trainer, run_dir)
     val_bpd = _metric(trainer, "val/bpd")
     checkpoint_cb = trainer.checkpoint_callback
@@ -89,7 +98,8 @@ def train(cfg: DictConfig) -> float | None:
 
     test_bpd = None
     if cfg.get("test", False):
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or (None if cfg.get("train", True) else ckpt))
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or (None if cfg.get("train", True) else ckpt),
+                     weights_only=True)
         test_bpd = _metric(trainer, "test/bpd")
 
     if trainer.is_global_zero:

@@ -12,11 +12,16 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from flowgen.errors import UserError
 from flowgen.evaluation import batch_generator, likelihood_bounds
 from flowgen.likelihood import bits_per_dim, log_likelihood_bound, nats_to_bpd
 from flowgen.sampling import sample_pixels
 from flowgen.training.ema import EMA
 from flowgen.training.schedules import warmup_then
+
+
+class NonFiniteWeightsError(UserError):
+    """The weights became NaN/Inf; they are not saved."""
 
 
 class FlowModule(L.LightningModule):
@@ -70,6 +75,7 @@ class FlowModule(L.LightningModule):
         self.val_bpd = MeanMetric()
         self.test_bpd = MeanMetric()
         self._last_batch_end: float | None = None
+        self.last_loss: torch.Tensor | None = None
 
     # -- the objective -------------------------------------------------------------------------
     @property
@@ -90,6 +96,7 @@ class FlowModule(L.LightningModule):
         batch_size = batch[0].shape[0]
         self.log("train/bpd", bpd, prog_bar=True, batch_size=batch_size)
         self.log("train/nll_nats", nll.mean(), batch_size=batch_size)
+        self.last_loss = bpd.detach()  # read by the NaN guard before the optimizer step
         return bpd
 
     def on_before_optimizer_step(self, optimizer):
@@ -126,6 +133,17 @@ class FlowModule(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self.test_bpd.update(self.eval_bpd(batch, batch_idx))
         self.log("test/bpd", self.test_bpd, on_step=False, on_epoch=True)
+
+    def on_save_checkpoint(self, checkpoint):
+        # the last line of defence of "a NaN never overwrites a good checkpoint": the NaN guard
+        # keeps bad steps out of the weights, and a checkpoint of non-finite weights is refused
+        state = self.state_dict()
+        bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise NonFiniteWeightsError(
+                f"refusing to save a checkpoint at step {self.global_step}: non-finite weights in "
+                f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; the previous checkpoints are kept; "
+                "lower optimizer.lr or raise scheduler.warmup_steps and resume")
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
