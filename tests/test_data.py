@@ -503,3 +503,51 @@ def test_digits_config_gives_batches_without_any_files(tmp_path):
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (64, 1, 8, 8) and x.dtype == torch.uint8 and int(x.max()) < dm.num_levels
     assert y.dtype == torch.int64
+
+
+# ---- the training order: seeded, and resumable inside an epoch --------------------------------------
+
+def _digits(batch_size=100):
+    data = make("digits", Path("unused"), batch_size=batch_size, val_size=297, n_bits=None, num_levels=17,
+                image_size=8, channels=1)
+    data.setup()
+    return data
+
+
+def _labels_in_order(loader):
+    return torch.cat([y for _, y in loader])
+
+
+def test_training_order_follows_the_seed_and_the_epoch():
+    data = _digits()
+    first = data.train_dataloader()
+    first.sampler.set_epoch(0)
+    order = _labels_in_order(first)
+    again = data.train_dataloader()
+    again.sampler.set_epoch(0)
+    assert torch.equal(order, _labels_in_order(again))
+    again.sampler.set_epoch(1)
+    assert not torch.equal(order, _labels_in_order(again))
+    data.shuffle_seed = 7
+    other = data.train_dataloader()
+    other.sampler.set_epoch(0)
+    assert not torch.equal(order, _labels_in_order(other))
+
+
+def test_resume_continues_the_epoch_where_it_stopped():
+    data = _digits()
+    straight = data.train_dataloader()
+    straight.sampler.set_epoch(3)
+    order = _labels_in_order(straight)
+    data.load_state_dict({"epoch": 3, "batches_done": 4, "batch_size": 100, "world_size": 1, "shuffle_seed": 0})
+    resumed = data.train_dataloader()
+    assert torch.equal(_labels_in_order(resumed), order[400:])
+    assert torch.equal(_labels_in_order(resumed), order)  # and the next pass is a whole epoch again
+
+
+def test_resume_with_another_batch_size_or_device_count_warns_and_restarts_the_epoch():
+    data = _digits()
+    data.load_state_dict({"epoch": 2, "batches_done": 4, "batch_size": 100, "world_size": 2, "shuffle_seed": 0})
+    with pytest.warns(UserWarning, match=r"100 x 1 devices .* instead of 100 x 2 .* epoch 2 restarts"):
+        loader = data.train_dataloader()
+    assert loader.sampler.epoch == 2 and len(_labels_in_order(loader)) == 1500

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from flowgen.cli.checkpoints import (
@@ -20,6 +21,7 @@ from flowgen.cli.checkpoints import (
 from flowgen.cli.errors import UserError
 from flowgen.cli.loggers import build_loggers
 from flowgen.training import FlowModule
+from flowgen.training.final_checkpoint import FinalStepCheckpoint
 
 
 def build_module(cfg: DictConfig, num_levels: int) -> FlowModule:
@@ -71,11 +73,15 @@ def train(cfg: DictConfig) -> float | None:
     torch.set_float32_matmul_precision("high")
 
     datamodule = instantiate(cfg.data)
+    datamodule.shuffle_seed = cfg.seed  # the training order follows the run's seed, and resumes with it
     _check_labels(cfg, datamodule)
     module = build_module(cfg, datamodule.num_levels)
     if ckpt is not None:  # a readable, safe checkpoint of this architecture, before Lightning loads it
         check_state_matches(load_checkpoint(ckpt, mmap=True)["state_dict"], module, ckpt)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    checkpointing = [c for c in callbacks if isinstance(c, ModelCheckpoint) and c.save_last]
+    if checkpointing:  # last.ckpt also at a max_steps stop in the middle of an epoch
+        callbacks.append(FinalStepCheckpoint(checkpointing[0]))
     loggers = build_loggers(cfg.get("logger"), run_dir)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
@@ -89,7 +95,6 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.get("train", True):
         # weights_only: a checkpoint is data (tensors, numbers, strings), never code to unpickle and run
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
-        _save_final_checkpoint(trainer, run_dir)
     val_bpd = _metric(trainer, "val/bpd")
     checkpoint_cb = trainer.checkpoint_callback
     best = getattr(checkpoint_cb, "best_model_path", "") if checkpoint_cb else ""
@@ -105,19 +110,6 @@ def train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         _summary(run_dir, trainer, val_bpd, test_bpd, best)
     return val_bpd
-
-
-def _save_final_checkpoint(trainer: L.Trainer, run_dir: Path) -> None:
-    """Make last.ckpt hold the final step: Lightning saves at epoch/validation ends only, so a run
-    stopped by max_steps in the middle of an epoch would otherwise lose its last steps."""
-    callback = trainer.checkpoint_callback
-    if callback is None or not getattr(callback, "save_last", False) or trainer.interrupted:
-        return
-    last = Path(callback.dirpath or run_dir / "checkpoints") / "last.ckpt"
-    saved_step = getattr(callback, "_last_global_step_saved", None)
-    if saved_step != trainer.global_step or not last.is_file():
-        trainer.save_checkpoint(last)
-        callback.last_model_path = str(last)
 
 
 def _metric(trainer: L.Trainer, name: str) -> float | None:

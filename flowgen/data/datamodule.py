@@ -6,14 +6,17 @@ labels, -1 where the dataset has none. Dequantisation happens later, in the mode
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 
 from flowgen.data import digits, folder, imagenet_downsampled, torchvision_sets
 from flowgen.data.quantize import levels_for_bits
+from flowgen.data.sampler import ResumableShuffleSampler
 from flowgen.data.splits import LevelImages, RawSplits
 from flowgen.data.transforms import pixel_pipeline
 
@@ -81,6 +84,9 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set_unaugmented: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        # the training order: seeded (train.py sets the run's seed) and resumable inside an epoch
+        self.shuffle_seed = 0
+        self._resume: dict | None = None
 
     # ---- what the model needs to know ------------------------------------------------
     @property
@@ -147,16 +153,15 @@ class ImageDataModule(L.LightningDataModule):
         return digits.load(**common)
 
     # ---- loaders ---------------------------------------------------------------------
-    def _loader(self, dataset: Dataset | None, batch_size: int, train: bool) -> DataLoader:
+    def _eval_loader(self, dataset: Dataset | None) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking ImageDataModule for a dataloader")
         return DataLoader(
             dataset,
-            batch_size=batch_size,
-            # Training sees full batches only (ActNorm init and per-batch bpd stay comparable);
-            # evaluation must see every image exactly once, in a fixed order.
-            shuffle=train,
-            drop_last=train and len(dataset) > batch_size,
+            batch_size=self.eval_batch_size,
+            # evaluation sees every image exactly once, in a fixed order
+            shuffle=False,
+            drop_last=False,
             num_workers=self.num_workers,
             # Pinning only helps host-to-GPU copies; without CUDA it only warns.
             pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -164,20 +169,63 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, train=True)
+        if self.train_set is None:
+            raise RuntimeError("call setup() before asking ImageDataModule for a dataloader")
+        sampler = ResumableShuffleSampler(self.train_set, seed=self.shuffle_seed)
+        self._apply_resume(sampler)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            # full batches only (ActNorm init and per-batch bpd stay comparable), unless the
+            # split is smaller than one batch
+            drop_last=len(sampler) > self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    # ---- mid-epoch resume: where the training order stood, saved in every checkpoint ---------------
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        epoch, done = trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= trainer.num_training_batches:  # the epoch is complete: the next one starts afresh
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches_done": done, "batch_size": self.batch_size,
+                "world_size": trainer.world_size, "shuffle_seed": self.shuffle_seed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume = dict(state_dict) or None
+
+    def _apply_resume(self, sampler: ResumableShuffleSampler) -> None:
+        state, self._resume = self._resume, None
+        if not state:
+            return
+        same = (state["batch_size"], state["world_size"], state["shuffle_seed"]) == (
+            self.batch_size, sampler.num_replicas, self.shuffle_seed)
+        if same:
+            sampler.resume(state["epoch"], state["batches_done"] * self.batch_size)
+            return
+        sampler.set_epoch(state["epoch"])
+        warnings.warn(
+            f"resuming with batch size {self.batch_size} x {sampler.num_replicas} devices (seed {self.shuffle_seed}) "
+            f"instead of {state['batch_size']} x {state['world_size']} (seed {state['shuffle_seed']}): the interrupted "
+            f"epoch {state['epoch']} restarts its data order from the beginning", stacklevel=2)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, train=False)
+        return self._eval_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size, train=False)
+        return self._eval_loader(self.test_set)
 
     def eval_dataloader(self, split: str) -> DataLoader:
         """Every image of ``split`` (train, val or test) exactly once, in order, never augmented."""
         sets = {"train": self.train_set_unaugmented, "val": self.val_set, "test": self.test_set}
         if split not in sets:
             raise ValueError(f"split={split!r} is not a split; choose train, val or test")
-        return self._loader(sets[split], self.eval_batch_size, train=False)
+        return self._eval_loader(sets[split])
 
 
 def _validate(

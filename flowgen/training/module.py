@@ -17,6 +17,7 @@ from flowgen.evaluation import batch_generator, likelihood_bounds
 from flowgen.likelihood import bits_per_dim, log_likelihood_bound, nats_to_bpd
 from flowgen.sampling import sample_pixels
 from flowgen.training.ema import EMA
+from flowgen.training.rng import rng_states, set_rng_states
 from flowgen.training.schedules import warmup_then
 
 
@@ -76,6 +77,7 @@ class FlowModule(L.LightningModule):
         self.test_bpd = MeanMetric()
         self._last_batch_end: float | None = None
         self.last_loss: torch.Tensor | None = None
+        self._rng_states_to_restore: dict | None = None
 
     # -- the objective -------------------------------------------------------------------------
     @property
@@ -104,9 +106,14 @@ class FlowModule(L.LightningModule):
         if grads:
             self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # right after the step, so that a checkpoint written at this batch's end (callbacks run
+        # before the module's own on_train_batch_end) holds the EMA of these very weights
         if self.ema is not None:
             self.ema.update(self.model)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
         now = time.perf_counter()
         if self._last_batch_end is not None:
             images = batch[0].shape[0] * self.trainer.world_size
@@ -134,7 +141,18 @@ class FlowModule(L.LightningModule):
         self.test_bpd.update(self.eval_bpd(batch, batch_idx))
         self.log("test/bpd", self.test_bpd, on_step=False, on_epoch=True)
 
+    def on_load_checkpoint(self, checkpoint):
+        self._rng_states_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self):
+        # restored here, after Lightning's sanity check and data-loader set-up, right before the
+        # first resumed step: dequantization noise and augmentation continue the interrupted stream
+        states, self._rng_states_to_restore = self._rng_states_to_restore, None
+        if states is not None:
+            set_rng_states(states)
+
     def on_save_checkpoint(self, checkpoint):
+        checkpoint["rng_states"] = rng_states()
         # the last line of defence of "a NaN never overwrites a good checkpoint": the NaN guard
         # keeps bad steps out of the weights, and a checkpoint of non-finite weights is refused
         state = self.state_dict()

@@ -1,0 +1,32 @@
+"""The training order: a seeded shuffle per epoch that can resume in the middle of an epoch."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch.utils.data import Dataset, DistributedSampler
+
+
+class ResumableShuffleSampler(DistributedSampler):
+    """Epoch e visits the images in the order of ``DistributedSampler`` with ``seed`` (a permutation
+    from seed + e, dealt out rank::world_size, the tail dropped so every rank sees as many); a single
+    process is the 1-replica case. Lightning leaves a DistributedSampler in place under DDP.
+
+    ``resume(epoch, samples_done)`` makes the next pass start at epoch ``epoch`` after the first
+    ``samples_done`` indices of this rank's order, so a run stopped inside an epoch continues with
+    the very images it would have seen; later passes are whole epochs again.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0):
+        distributed = dist.is_available() and dist.is_initialized()
+        super().__init__(dataset, num_replicas=dist.get_world_size() if distributed else 1,
+                         rank=dist.get_rank() if distributed else 0, shuffle=True, seed=seed, drop_last=True)
+        self._skip = 0
+
+    def resume(self, epoch: int, samples_done: int) -> None:
+        self.set_epoch(epoch)
+        self._skip = samples_done
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self._skip = self._skip, 0
+        return iter(indices[skip:])

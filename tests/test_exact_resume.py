@@ -1,0 +1,48 @@
+"""Exact resume: N steps, stop, resume to 2N == 2N steps straight, bit for bit (CPU, deterministic)."""
+
+from __future__ import annotations
+
+import csv
+
+import torch
+
+from tests.train_runner import FAST, run_dir, run_entry
+
+# epochs of 3 batches, so step 4 stops in the middle of the second epoch; EMA and variational
+# dequantization on, so their state and noise must come back too
+ARGS = ["logger=csv", *FAST, "trainer.deterministic=true", "ema_decay=0.9", "dequantization=variational",
+        "model.hidden_channels=8", "test=false", "callbacks.samples.every_n_steps=100"]
+
+
+def last_checkpoint(tmp_path, name):
+    return torch.load(run_dir(tmp_path, name) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def logged_bpd(tmp_path, name) -> dict[int, float]:
+    values = {}
+    for path in sorted(run_dir(tmp_path, name).glob("csv/version_*/metrics.csv")):
+        with open(path) as f:
+            values.update({int(r["step"]): float(r["train/bpd"]) for r in csv.DictReader(f) if r.get("train/bpd")})
+    return values
+
+
+def test_interrupted_and_resumed_equals_straight(tmp_path):
+    straight = run_entry("train.py", [*ARGS, "run_name=straight", "trainer.max_steps=8"], tmp_path)
+    assert straight.returncode == 0, straight.output[-3000:]
+    first = run_entry("train.py", [*ARGS, "run_name=resumed", "trainer.max_steps=4"], tmp_path)
+    assert first.returncode == 0, first.output[-3000:]
+    assert last_checkpoint(tmp_path, "resumed")["global_step"] == 4
+    second = run_entry("train.py", [*ARGS, "run_name=resumed", "trainer.max_steps=8", "ckpt_path=last"], tmp_path)
+    assert second.returncode == 0, second.output[-3000:]
+
+    a, b = last_checkpoint(tmp_path, "straight"), last_checkpoint(tmp_path, "resumed")
+    assert a["global_step"] == b["global_step"] == 8
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name, tensor in a["state_dict"].items():  # model, EMA, noise flow, ActNorm buffers
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    for (s1, s2) in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values(),
+                        strict=True):
+        for key in s1:
+            assert torch.equal(torch.as_tensor(s1[key]), torch.as_tensor(s2[key])), key
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    assert logged_bpd(tmp_path, "straight")[7] == logged_bpd(tmp_path, "resumed")[7]
