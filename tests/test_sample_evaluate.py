@@ -8,13 +8,18 @@ import math
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
+from flowgen.cli.errors import run_reporting_errors
+from flowgen.cli.evaluate import evaluate
 from flowgen.cli.restore import restore_run
+from flowgen.cli.sample import sample
 from flowgen.evaluation import batch_generator
 from flowgen.likelihood import bits_per_dim, dequantize
 from tests.fake_datasets import write_cifar10, write_png
-from tests.train_runner import FAST, run_dir, run_entry
+from tests.train_runner import FAST, REPO, run_dir, run_entry
 
 
 def written(run) -> list[str]:
@@ -25,6 +30,20 @@ def error_line(run) -> str:
     errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     assert run.returncode == 2 and len(errors) == 1, run.output[-3000:]
     assert "Traceback" not in run.output
+    return errors[0]
+
+
+def cli_error(capsys, entry: str, overrides: list[str]) -> str:
+    """sample.py / evaluate.py's path in process (compose, then run_reporting_errors); the one error line."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(entry, overrides=overrides)
+    function = {"sample": sample, "evaluate": evaluate}[entry]
+    with pytest.raises(SystemExit) as exit_info:
+        run_reporting_errors(function, cfg)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1
     return errors[0]
 
 
@@ -55,8 +74,9 @@ def test_samples_are_reproducible_with_the_seed(trained_digits, tmp_path):
         assert "raw weights" in run.stdout
         return Image.open(written(run)[0]).tobytes()
 
-    assert draw(3, "a") == draw(3, "b")
-    assert draw(3, "a") != draw(4, "c")
+    first = draw(3, "a")
+    assert first == draw(3, "b")
+    assert first != draw(4, "c")
 
 
 def test_interpolation_and_reconstruction_strips(trained_digits, tmp_path):
@@ -88,26 +108,26 @@ def test_class_conditional_rows_per_class(trained_conditional, tmp_path):
     (["mode=dream"], "mode='dream'"),
     (["mode=interpolate", "indices=[0,100000]"], "outside the val split"),
 ])
-def test_sample_mistakes_end_in_one_line(trained_digits, tmp_path, args, message):
-    run = run_entry("sample.py", [f"ckpt_path={trained_digits.run_dir}", f"output_dir={tmp_path}", *args], tmp_path)
-    assert message in error_line(run)
+def test_sample_mistakes_end_in_one_line(trained_digits, tmp_path, capsys, args, message):
+    assert message in cli_error(capsys, "sample", [f"ckpt_path={trained_digits.run_dir}", f"output_dir={tmp_path}",
+                                                   *args])
 
 
-def test_label_outside_the_classes(trained_conditional, tmp_path):
-    run = run_entry("sample.py", [f"ckpt_path={trained_conditional.run_dir}", "label=10"], tmp_path)
-    assert "outside the model's classes 0..9" in error_line(run)
+def test_label_outside_the_classes(trained_conditional, capsys):
+    line = cli_error(capsys, "sample", [f"ckpt_path={trained_conditional.run_dir}", "label=10"])
+    assert "outside the model's classes 0..9" in line
 
 
-def test_checkpoint_mistakes_end_in_one_line(trained_digits, tmp_path):
-    assert "ckpt_path is required" in error_line(run_entry("sample.py", [], tmp_path))
-    missing = run_entry("evaluate.py", [f"ckpt_path={tmp_path / 'nope.ckpt'}"], tmp_path)
-    assert "no such checkpoint file or run directory" in error_line(missing)
+def test_checkpoint_mistakes_end_in_one_line(trained_digits, tmp_path, capsys):
+    assert "ckpt_path is required" in cli_error(capsys, "sample", [])
+    missing = cli_error(capsys, "evaluate", [f"ckpt_path={tmp_path / 'nope.ckpt'}"])
+    assert "no such checkpoint file or run directory" in missing
     empty = tmp_path / "empty_run"
     (empty / "checkpoints").mkdir(parents=True)
-    assert "holds no checkpoint" in error_line(run_entry("sample.py", [f"ckpt_path={empty}"], tmp_path))
+    assert "holds no checkpoint" in cli_error(capsys, "sample", [f"ckpt_path={empty}"])
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes((trained_digits.run_dir / "checkpoints" / "last.ckpt").read_bytes()[:5000])
-    assert "cannot be read" in error_line(run_entry("evaluate.py", [f"ckpt_path={corrupt}"], tmp_path))
+    assert "cannot be read" in cli_error(capsys, "evaluate", [f"ckpt_path={corrupt}"])
     # a checkpoint that lost its run: no config inside it and no config.yaml beside it
     checkpoint = torch.load(trained_digits.run_dir / "checkpoints" / "last.ckpt", map_location="cpu",
                             weights_only=False)
@@ -115,7 +135,13 @@ def test_checkpoint_mistakes_end_in_one_line(trained_digits, tmp_path):
     orphan = tmp_path / "orphan" / "model.ckpt"
     orphan.parent.mkdir()
     torch.save(checkpoint, orphan)
-    assert "no config.yaml was found" in error_line(run_entry("sample.py", [f"ckpt_path={orphan}"], tmp_path))
+    assert "no config.yaml was found" in cli_error(capsys, "sample", [f"ckpt_path={orphan}"])
+
+
+def test_one_subprocess_error_line(tmp_path):
+    """The real entry point prints the same single line (the in-process tests above share its code)."""
+    run = run_entry("sample.py", [f"ckpt_path={tmp_path / 'nope'}"], tmp_path)
+    assert "no such checkpoint file or run directory" in error_line(run)
 
 
 # ---- evaluate.py ----------------------------------------------------------------------------------

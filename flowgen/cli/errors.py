@@ -22,6 +22,16 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line. An error raised in a DataLoader worker arrives with the
+    worker's traceback in its text; the user wants the original message, its last line."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
+
+
 def is_user_error(exc: BaseException) -> bool:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -36,6 +46,6 @@ def run_reporting_errors(fn: Callable[..., Any], *args, **kwargs) -> Any:
         cause = _root_cause(exc)
         if not is_user_error(cause):
             raise
-        message = " ".join(str(cause).split())  # one line, whatever the original formatting
+        message = one_line(cause)
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)

@@ -21,6 +21,7 @@ from flowgen.cli.checkpoints import (
 from flowgen.cli.errors import UserError
 from flowgen.cli.loggers import build_loggers
 from flowgen.training import FlowModule
+from flowgen.training.checkpoint_io import AtomicCheckpointIO, remove_partial_files
 from flowgen.training.final_checkpoint import FinalStepCheckpoint
 
 
@@ -83,7 +84,8 @@ def train(cfg: DictConfig) -> float | None:
     if checkpointing:  # last.ckpt also at a max_steps stop in the middle of an epoch
         callbacks.append(FinalStepCheckpoint(checkpointing[0]))
     loggers = build_loggers(cfg.get("logger"), run_dir)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     plugins=[AtomicCheckpointIO()])
 
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +93,8 @@ def train(cfg: DictConfig) -> float | None:
         _report_batch(cfg, trainer)
     if ckpt is not None:
         print(f"resuming from {ckpt}", flush=True)
+        for leftover in remove_partial_files(ckpt.parent):
+            print(f"removed {leftover.name}, a checkpoint write that was cut short", flush=True)
 
     if cfg.get("train", True):
         # weights_only: a checkpoint is data (tensors, numbers, strings), never code to unpickle and run

@@ -1,0 +1,124 @@
+"""The catalogue of user mistakes: each ends in ONE line naming the problem and the fix, exit status 2.
+
+Run in process through the same path as ``python train.py`` (compose, then ``run_reporting_errors``);
+tests/test_train.py and tests/test_crash_safety.py run a few of them as real subprocesses.
+README "Troubleshooting" lists the same cases.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from flowgen.cli.errors import EXIT_USER_ERROR, run_reporting_errors
+from flowgen.cli.overrides import unknown_choice
+from flowgen.cli.train import build_module, train
+from tests.fake_datasets import write_png
+from tests.test_configs import compose_train
+
+
+def run_train(tmp_path, capsys, overrides) -> str:
+    """train.py's path in process; returns the single error line."""
+    cfg = compose_train(tmp_path, ["logger=csv", "~callbacks.rich_progress_bar", "trainer.max_steps=1",
+                                   "trainer.accelerator=cpu", *overrides])
+    with pytest.raises(SystemExit) as exit_info:
+        run_reporting_errors(train, cfg)
+    assert exit_info.value.code == EXIT_USER_ERROR
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1
+    return errors[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model=glwo"], "model=glwo is not a model config; choose one of glow, glow_small, realnvp, realnvp_small"),
+    (["data=cifar100"], "data=cifar100 is not a data config; choose one of celeba, cifar10, digits"),
+    (["dequantization=gaussian"], "dequantization=gaussian is not a dequantization config; choose one of uniform"),
+    (["logger=[csv,tensorbord]"], "logger=tensorbord is not a logger config"),
+])
+def test_unknown_config_choices(args, message):
+    assert message in unknown_choice(args)
+
+
+def test_known_choices_and_plain_keys_pass():
+    assert unknown_choice(["model=glow", "logger=[csv,tensorboard]", "trainer.max_steps=3", "~callbacks.samples",
+                           "data.path=/x", "hydra/launcher=basic", "--cfg", "job"]) is None
+
+
+@pytest.fixture
+def image_folders(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for i in range(6):
+        write_png(tmp_path / "photos" / f"{i}.png", size=(12, 12), seed=i)
+    (tmp_path / "photos" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    return tmp_path
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model=glow", "model.levels=4"], "image_size=8 is not divisible by 16"),
+    (["data=cifar10", "data.n_bits=9"], "n_bits=9 must be an int in 1..8"),
+    (["data=cifar10", "data.download=false"], "cifar10 files not found in"),
+    (["data.batch_size=0"], "data.batch_size=0 must be an int >= 1"),
+    (["data.num_workers=-1"], "data.num_workers=-1 must be an int >= 0"),
+    (["callbacks.samples.temperatures=[0.7,-1]"], "temperatures must be >= 0"),
+    (["trainer.precision=17"], "precision"),
+    (["scheduler.schedule=linear"], "unknown learning-rate schedule 'linear'"),
+    (["optimizer.lr=-0.001"], "learning rate"),
+    (["model.coupling=spline2"], "coupling"),
+    (["ema_decay=1.5"], "ema_decay must be in (0, 1)"),
+    (["ckpt_path=/nonexistent/run.ckpt"], "no such checkpoint file or run directory"),
+    (["model.num_classes=7"], "model.num_classes=7 but data=digits has 10 classes"),
+])
+def test_configuration_mistakes(tmp_path, capsys, overrides, message):
+    assert message in run_train(tmp_path, capsys, overrides)
+
+
+def test_an_empty_image_folder(tmp_path, capsys, image_folders):
+    line = run_train(tmp_path, capsys, ["data=folder", f"data.path={image_folders / 'empty'}", "data.num_workers=0"])
+    assert "folder: no images" in line and "empty" in line
+
+
+def test_a_corrupt_image_in_a_folder_is_named(tmp_path, capsys, image_folders):
+    # the other images (12x12 RGB PNGs, not 64x64) are converted, not refused; the broken one is named
+    line = run_train(tmp_path, capsys, ["data=folder", f"data.path={image_folders / 'photos'}", "data.num_workers=0",
+                                        "data.image_size=8", "data.batch_size=2", "data.val_size=0.2", "test=false",
+                                        "trainer.max_steps=10"])
+    assert "broken.png" in line
+
+
+def _checkpoint_of(tmp_path, overrides=()) -> dict:
+    cfg = compose_train(tmp_path, list(overrides))
+    module = build_module(cfg, 17)
+    return {"state_dict": module.state_dict(), "global_step": 0, "epoch": 0}
+
+
+def test_a_truncated_checkpoint(tmp_path, capsys):
+    path = tmp_path / "cut.ckpt"
+    torch.save(_checkpoint_of(tmp_path), path)
+    path.write_bytes(path.read_bytes()[:4000])
+    assert "cannot be read (truncated or not a checkpoint)" in run_train(tmp_path, capsys, [f"ckpt_path={path}"])
+
+
+def test_a_checkpoint_of_another_architecture_names_the_shapes(tmp_path, capsys):
+    path = tmp_path / "wide.ckpt"
+    torch.save(_checkpoint_of(tmp_path, ["model.hidden_channels=32"]), path)
+    line = run_train(tmp_path, capsys, [f"ckpt_path={path}"])
+    assert "another architecture" in line and "(32," in line and "(64," in line
+
+
+class Payload:
+    """What a malicious checkpoint carries: unpickling it would run a command."""
+
+    def __reduce__(self):
+        return (print, ("this code ran while loading a checkpoint",))
+
+
+def test_a_checkpoint_carrying_code_is_refused_and_never_run(tmp_path, capsys):
+    path = tmp_path / "evil.ckpt"
+    checkpoint = _checkpoint_of(tmp_path)
+    checkpoint["extra"] = Payload()
+    torch.save(checkpoint, path, pickle_module=pickle)
+    line = run_train(tmp_path, capsys, [f"ckpt_path={path}"])
+    assert "was refused: it carries pickled Python objects" in line
+    assert "this code ran" not in capsys.readouterr().out
