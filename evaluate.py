@@ -5,8 +5,8 @@ from omegaconf import DictConfig
 
 import flowgen.cli  # noqa: F401  (registers the config resolvers)
 from flowgen.cli.errors import run_reporting_errors
-from flowgen.cli.overrides import refuse_unknown_choices
 from flowgen.cli.evaluate import evaluate
+from flowgen.cli.overrides import refuse_unknown_choices
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
