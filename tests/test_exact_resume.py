@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 import torch
 
 from tests.train_runner import FAST, run_dir, run_entry
@@ -46,3 +47,16 @@ def test_interrupted_and_resumed_equals_straight(tmp_path):
             assert torch.equal(torch.as_tensor(s1[key]), torch.as_tensor(s2[key])), key
     assert a["lr_schedulers"] == b["lr_schedulers"]
     assert logged_bpd(tmp_path, "straight")[7] == logged_bpd(tmp_path, "resumed")[7]
+
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_devices_warns_and_continues(tmp_path):
+    """1 process for 4 steps, then 2 DDP processes on the CPU (gloo) to step 8."""
+    args = ["logger=csv", *FAST, "model.hidden_channels=8", "test=false", "run_name=devices"]
+    first = run_entry("train.py", [*args, "trainer.max_steps=4"], tmp_path)
+    assert first.returncode == 0, first.output[-3000:]
+    second = run_entry("train.py", [*args, "trainer.max_steps=8", "ckpt_path=last", "trainer.devices=2",
+                                    "trainer.strategy=ddp"], tmp_path, timeout=600, env={"PYTHONWARNINGS": "default"})
+    assert second.returncode == 0, second.output[-3000:]
+    assert second.output.count("instead of 64 x 1") == 1 and "restarts its data order" in second.output
+    assert last_checkpoint(tmp_path, "devices")["global_step"] == 8

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -91,10 +92,12 @@ def train(cfg: DictConfig) -> float | None:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / CONFIG_FILE, resolve=True)
         _report_batch(cfg, trainer)
-    if ckpt is not None:
+    if ckpt is not None and trainer.is_global_zero:
         print(f"resuming from {ckpt}", flush=True)
         for leftover in remove_partial_files(ckpt.parent):
             print(f"removed {leftover.name}, a checkpoint write that was cut short", flush=True)
+    # the data module, not the data loader, carries the position in the epoch (flowgen/data/sampler.py)
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
     if cfg.get("train", True):
         # weights_only: a checkpoint is data (tensors, numbers, strings), never code to unpickle and run

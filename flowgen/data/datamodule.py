@@ -6,12 +6,12 @@ labels, -1 where the dataset has none. Dequantisation happens later, in the mode
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from flowgen.data import digits, folder, imagenet_downsampled, torchvision_sets
@@ -209,10 +209,10 @@ class ImageDataModule(L.LightningDataModule):
             sampler.resume(state["epoch"], state["batches_done"] * self.batch_size)
             return
         sampler.set_epoch(state["epoch"])
-        warnings.warn(
+        rank_zero_warn(
             f"resuming with batch size {self.batch_size} x {sampler.num_replicas} devices (seed {self.shuffle_seed}) "
             f"instead of {state['batch_size']} x {state['world_size']} (seed {state['shuffle_seed']}): the interrupted "
-            f"epoch {state['epoch']} restarts its data order from the beginning", stacklevel=2)
+            f"epoch {state['epoch']} restarts its data order from the beginning")
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)

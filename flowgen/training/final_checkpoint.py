@@ -24,5 +24,5 @@ class FinalStepCheckpoint(L.Callback):
         if trainer.max_steps is None or trainer.max_steps < 0 or trainer.global_step < trainer.max_steps:
             return
         last = Path(self.checkpoint.dirpath) / f"{self.checkpoint.CHECKPOINT_NAME_LAST}{self.checkpoint.FILE_EXTENSION}"
-        trainer.save_checkpoint(last)
+        trainer.save_checkpoint(last, weights_only=False)  # a full checkpoint, to resume from
         self.checkpoint.last_model_path = str(last)
