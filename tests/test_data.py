@@ -127,19 +127,29 @@ def test_hflip_applies_to_train_only(tmp_path):
     images = write_cifar10(tmp_path)
     dm = make("cifar10", tmp_path, hflip=True)
     dm.setup()
-    torch.manual_seed(0)
     original = torch.from_numpy(images["train"][int(dm.train_set.source.indices[0])])
-    seen = {"plain": 0, "flipped": 0}
-    for _ in range(40):
-        x, _ = dm.train_set[0]
-        seen["plain" if torch.equal(x, original) else "flipped"] += 1
-        assert torch.equal(x, original) or torch.equal(x, original.flip(-1))
-    assert seen["plain"] > 0 and seen["flipped"] > 0
+    assert torch.equal(dm.train_set[(0, False)][0], original)
+    assert torch.equal(dm.train_set[(0, True)][0], original.flip(-1))
+    assert torch.equal(dm.train_set[0][0], original)  # a plain index is never flipped
     val_original = torch.from_numpy(images["train"][int(dm.val_set.source.indices[0])])
-    assert all(torch.equal(dm.val_set[0][0], val_original) for _ in range(20))
-    assert all(
-        torch.equal(dm.test_set[0][0], torch.from_numpy(images["test"][0])) for _ in range(20)
-    )
+    assert torch.equal(dm.val_set[(0, True)][0], val_original)  # val and test: hflip is off
+    assert torch.equal(dm.test_set[0][0], torch.from_numpy(images["test"][0]))
+
+
+def test_flips_are_drawn_per_epoch_and_image_from_the_seed(tmp_path):
+    write_cifar10(tmp_path, per_batch=20)
+    dm = make("cifar10", tmp_path, hflip=True, val_size=10, batch_size=10)
+    dm.setup()
+    sampler = dm.train_dataloader().sampler
+    keys = {}
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        keys[epoch] = list(sampler)
+        sampler.set_epoch(epoch)
+        assert list(sampler) == keys[epoch]  # the same epoch, the same order and flips
+    flips = [flip for _, flip in keys[0]]
+    assert 0 < sum(flips) < len(flips)
+    assert keys[0] != keys[1]
 
 
 def test_max_items_truncates_every_split(tmp_path):

@@ -7,12 +7,14 @@ import csv
 import pytest
 import torch
 
+from tests.fake_datasets import write_cifar10
 from tests.train_runner import FAST, run_dir, run_entry
 
-# epochs of 3 batches, so step 4 stops in the middle of the second epoch; EMA and variational
-# dequantization on, so their state and noise must come back too
+# epochs of 3 batches, so step 4 stops in the middle of the second epoch; EMA, variational
+# dequantization and random flips loaded by 2 worker processes, so all their states must come back
 ARGS = ["logger=csv", *FAST, "trainer.deterministic=true", "ema_decay=0.9", "dequantization=variational",
-        "model.hidden_channels=8", "test=false", "callbacks.samples.every_n_steps=100"]
+        "data=cifar10", "data.hflip=true", "data.num_workers=2", "data.batch_size=4", "data.val_size=8",
+        "model.hidden_channels=8", "model.steps=2", "test=false", "callbacks.samples.every_n_steps=100"]
 
 
 def last_checkpoint(tmp_path, name):
@@ -28,6 +30,7 @@ def logged_bpd(tmp_path, name) -> dict[int, float]:
 
 
 def test_interrupted_and_resumed_equals_straight(tmp_path):
+    write_cifar10(tmp_path / "data", per_batch=8, n_test=8)
     straight = run_entry("train.py", [*ARGS, "run_name=straight", "trainer.max_steps=8"], tmp_path)
     assert straight.returncode == 0, straight.output[-3000:]
     first = run_entry("train.py", [*ARGS, "run_name=resumed", "trainer.max_steps=4"], tmp_path)

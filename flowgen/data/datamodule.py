@@ -128,11 +128,8 @@ class ImageDataModule(L.LightningDataModule):
         self._source_classes = raw.num_classes
 
         def wrap(split: Dataset, train: bool) -> LevelImages:
-            hflip = self.hflip and train
-            transform = pixel_pipeline(
-                raw.geometry, channels=self.channels, n_bits=self.n_bits, hflip=hflip
-            )
-            return LevelImages(split, transform, self.max_items)
+            transform = pixel_pipeline(raw.geometry, channels=self.channels, n_bits=self.n_bits)
+            return LevelImages(split, transform, self.max_items, hflip=self.hflip and train)
 
         self.train_set = wrap(raw.train, train=True)
         self.train_set_unaugmented = wrap(raw.train, train=False)
@@ -162,6 +159,8 @@ class ImageDataModule(L.LightningDataModule):
             # evaluation sees every image exactly once, in a fixed order
             shuffle=False,
             drop_last=False,
+            # the workers' seed comes from here, not from the global RNG that training draws from
+            generator=torch.Generator().manual_seed(0),
             num_workers=self.num_workers,
             # Pinning only helps host-to-GPU copies; without CUDA it only warns.
             pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -180,6 +179,9 @@ class ImageDataModule(L.LightningDataModule):
             # full batches only (ActNorm init and per-batch bpd stay comparable), unless the
             # split is smaller than one batch
             drop_last=len(sampler) > self.batch_size,
+            # the workers' seed comes from here, not from the global RNG that the dequantization noise
+            # draws from: starting workers (validation, a new epoch) must not shift that stream
+            generator=torch.Generator().manual_seed(self.shuffle_seed),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,

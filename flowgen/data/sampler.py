@@ -1,7 +1,8 @@
-"""The training order: a seeded shuffle per epoch that can resume in the middle of an epoch."""
+"""The training order and flips: seeded per epoch, and resumable in the middle of an epoch."""
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
@@ -11,9 +12,13 @@ class ResumableShuffleSampler(DistributedSampler):
     from seed + e, dealt out rank::world_size, the tail dropped so every rank sees as many); a single
     process is the 1-replica case. Lightning leaves a DistributedSampler in place under DDP.
 
+    It yields ``(index, flip)``: whether image ``index`` is mirrored in epoch e is drawn from a
+    generator seeded with (seed, e) as well, so every random choice of an epoch's data is a
+    function of (seed, epoch, index), whichever process or worker loads the image.
+
     ``resume(epoch, samples_done)`` makes the next pass start at epoch ``epoch`` after the first
-    ``samples_done`` indices of this rank's order, so a run stopped inside an epoch continues with
-    the very images it would have seen; later passes are whole epochs again.
+    ``samples_done`` items of this rank's order, so a run stopped inside an epoch continues with
+    the very images (and flips) it would have seen; later passes are whole epochs again.
     """
 
     def __init__(self, dataset: Dataset, seed: int = 0):
@@ -28,5 +33,7 @@ class ResumableShuffleSampler(DistributedSampler):
 
     def __iter__(self):
         indices = list(super().__iter__())
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 1)  # not the order's seed
+        flips = (torch.rand(len(self.dataset), generator=generator) < 0.5).tolist()
         skip, self._skip = self._skip, 0
-        return iter(indices[skip:])
+        return iter([(i, flips[i]) for i in indices[skip:]])

@@ -69,19 +69,27 @@ class IndexedView(Dataset):
 class LevelImages(Dataset):
     """A split as the training code sees it: ``(uint8 (C, H, W) levels, int label or -1)``.
 
+    An item is asked for by index ``i``, or by ``(i, flip)`` from the training sampler, which
+    mirrors the image horizontally when ``flip`` is true and the split allows it (``hflip``).
     ``max_items`` keeps only the first that many items (quick runs and tests).
     """
 
-    def __init__(self, source: Dataset, transform: Callable, max_items: int | None = None) -> None:
+    def __init__(self, source: Dataset, transform: Callable, max_items: int | None = None,
+                 hflip: bool = False) -> None:
         self.source = source
         self.transform = transform
+        self.hflip = hflip
         self.length = len(source) if max_items is None else min(len(source), max_items)
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, bool]) -> tuple[torch.Tensor, int]:
+        i, flip = key if isinstance(key, tuple) else (key, False)
         if not 0 <= i < self.length:
             raise IndexError(f"index {i} out of range for a split of {self.length} images")
         image, label = self.source[i]
-        return self.transform(image), -1 if label is None else int(label)
+        x = self.transform(image)
+        if flip and self.hflip:
+            x = x.flip(-1)  # commutes with the centre crop, resize and quantization before it
+        return x, -1 if label is None else int(label)

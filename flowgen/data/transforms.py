@@ -66,12 +66,8 @@ def resize_then_crop(size: int) -> list:
     return [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
 
 
-def pixel_pipeline(
-    geometry: Sequence, *, channels: int, n_bits: int | None, hflip: bool
-) -> v2.Compose:
-    """The full image transform of one split; ``hflip`` only for the train split."""
-    steps = [ToUint8Image(channels), *geometry]
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip(p=0.5))
-    steps.append(Quantize(n_bits))
-    return v2.Compose(steps)
+def pixel_pipeline(geometry: Sequence, *, channels: int, n_bits: int | None) -> v2.Compose:
+    """The deterministic image transform of every split. The random horizontal flip of the train
+    split is not here: the training sampler decides it per epoch and image (``data/sampler.py``),
+    so that an interrupted epoch resumes with the very same flips."""
+    return v2.Compose([ToUint8Image(channels), *geometry, Quantize(n_bits)])
