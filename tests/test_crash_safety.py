@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
@@ -32,6 +33,23 @@ def test_a_failed_write_names_the_file_and_keeps_the_previous_checkpoint(tmp_pat
         io.save_checkpoint({"step": 2, "bad": Unpicklable()}, good)
     assert torch.load(good, weights_only=True) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "not_a_dir"]  # no partial file left
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    good = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, good)
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("flowgen.training.checkpoint_io.torch.save", full_disk)
+    with pytest.raises(CheckpointWriteError, match="last.ckpt: No space left on device; the previous checkpoints"):
+        io.save_checkpoint({"step": 2}, good)
+    monkeypatch.undo()
+    assert torch.load(good, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 WRITER = """

@@ -94,3 +94,28 @@ def test_invertibility_monitor_logs_and_names_the_level(tmp_path):
     with pytest.warns(UserWarning, match=r"reconstruction error .* worst level \d"):
         run.fit(flow, datamodule=digits())
     assert 0.0 < float(run.callback_metrics["train/recon_error"]) < 1e-4
+
+
+def _vote(rank: int, world_size: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+
+    from flowgen.training.nan_guard import all_ranks_finite, gradients_are_finite
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        layer = torch.nn.Linear(3, 1)
+        layer(torch.ones(2, 3)).sum().backward()
+        if rank == 1:
+            layer.weight.grad[0, 0] = float("inf")  # only this rank sees the bad gradient
+        results[rank] = all_ranks_finite(gradients_are_finite(layer.parameters()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_skips_together(tmp_path):
+    """Two gloo processes: one has an Inf gradient, and both decide to skip the step."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_vote, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    assert dict(results) == {0: False, 1: False}
