@@ -561,3 +561,13 @@ def test_resume_with_another_batch_size_or_device_count_warns_and_restarts_the_e
     with pytest.warns(UserWarning, match=r"100 x 1 devices .* instead of 100 x 2 .* epoch 2 restarts"):
         loader = data.train_dataloader()
     assert loader.sampler.epoch == 2 and len(_labels_in_order(loader)) == 1500
+
+
+@pytest.mark.parametrize("world_size, n", [(2, 297), (3, 10), (4, 3)])
+def test_evaluation_shards_cover_every_image_once_without_padding(world_size, n):
+    from flowgen.data.sampler import EvaluationShardSampler
+
+    shards = [list(EvaluationShardSampler(list(range(n)), num_replicas=world_size, rank=r)) for r in range(world_size)]
+    assert sorted(i for shard in shards for i in shard) == list(range(n))
+    assert [len(EvaluationShardSampler(list(range(n)), world_size, r)) for r in range(world_size)] == \
+        [len(s) for s in shards]

@@ -63,3 +63,14 @@ def test_resume_on_another_number_of_devices_warns_and_continues(tmp_path):
     assert second.returncode == 0, second.output[-3000:]
     assert second.output.count("instead of 64 x 1") == 1 and "restarts its data order" in second.output
     assert last_checkpoint(tmp_path, "devices")["global_step"] == 8
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_and_score_every_val_image_once(tmp_path):
+    """trainer=ddp_cpu: 2 gloo processes; val/bpd is an average over the 297 val images, each once."""
+    run = run_entry("train.py", ["logger=csv", *FAST, "trainer=ddp_cpu", "model.hidden_channels=8", "test=false",
+                                 "run_name=ddp", "trainer.limit_val_batches=null", "trainer.max_steps=3"],
+                    tmp_path, timeout=600)
+    assert run.returncode == 0, run.output[-3000:]
+    assert "64 per device x 2 devices" in run.stdout
+    assert last_checkpoint(tmp_path, "ddp")["global_step"] == 3

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from flowgen.data import digits, folder, imagenet_downsampled, torchvision_sets
 from flowgen.data.quantize import levels_for_bits
-from flowgen.data.sampler import ResumableShuffleSampler
+from flowgen.data.sampler import EvaluationShardSampler, ResumableShuffleSampler
 from flowgen.data.splits import LevelImages, RawSplits
 from flowgen.data.transforms import pixel_pipeline
 
@@ -153,10 +153,13 @@ class ImageDataModule(L.LightningDataModule):
     def _eval_loader(self, dataset: Dataset | None) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking ImageDataModule for a dataloader")
+        # evaluation sees every image exactly once, in a fixed order; under DDP once over all ranks
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        sampler = EvaluationShardSampler(dataset) if distributed and torch.distributed.get_world_size() > 1 else None
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,
-            # evaluation sees every image exactly once, in a fixed order
+            sampler=sampler,
             shuffle=False,
             drop_last=False,
             # the workers' seed comes from here, not from the global RNG that training draws from

@@ -37,3 +37,22 @@ class ResumableShuffleSampler(DistributedSampler):
         flips = (torch.rand(len(self.dataset), generator=generator) < 0.5).tolist()
         skip, self._skip = self._skip, 0
         return iter([(i, flips[i]) for i in indices[skip:]])
+
+
+class EvaluationShardSampler(DistributedSampler):
+    """Evaluation under DDP: rank r scores images r, r + W, r + 2W, ... in order, so every image of
+    the split is scored exactly once over all ranks. Lightning's default DistributedSampler pads
+    the split to a multiple of W by repeating images, which biases an average over images;
+    here ranks may simply get one image fewer. (Lightning leaves a DistributedSampler in place.)
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None):
+        distributed = dist.is_available() and dist.is_initialized()
+        num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if distributed else 1)
+        rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(self.rank, len(dataset), self.num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
