@@ -34,7 +34,10 @@ def evaluate(cfg: DictConfig) -> dict:
     _check_compatible(datamodule, run, data_cfg)
     loader = datamodule.eval_dataloader(cfg.split)
     total = len(loader.dataset)
-    class_conditional = run.module.class_conditional and datamodule.num_classes is not None
+    class_conditional = run.module.class_conditional
+    if class_conditional and datamodule.num_classes is None:
+        raise UserError(f"the model is class-conditional but data={data_cfg.name} has no labels; score a labelled "
+                        "dataset (the likelihood marginalised over classes is not implemented)")
 
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
