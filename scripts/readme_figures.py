@@ -45,11 +45,10 @@ def main() -> None:
     samples = temperature_rows(run.model, levels, args.per_row, TEMPERATURES, seed=0)
     save_image(image_grid(samples, args.per_row, args.upscale), FIGURES / "digits_samples.png")
 
-    data = instantiate_data(run.cfg.data).eval_dataloader("val").dataset
+    data = instantiate_data(run.cfg.data)
     rows = []
     for a, b in [(0, 1), (2, 3), (4, 5)]:
-        x = torch.stack([torch.as_tensor(data[i][0]) for i in (a, b)])
-        y = run.module.dequantizer.model_input(x, torch.full(x.shape, 0.5))
+        y = run.module.dequantizer.bin_centres(data.images("val", (a, b)))
         rows.append(to_unit_interval(interpolate(run.model, y[0], y[1], args.per_row, "spherical"), levels))
     save_image(image_grid(torch.cat(rows), args.per_row, args.upscale), FIGURES / "digits_interpolation.png")
     print(f"from {run.ckpt}: wrote {FIGURES / 'digits_samples.png'} and {FIGURES / 'digits_interpolation.png'}")

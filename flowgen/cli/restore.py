@@ -10,7 +10,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from flowgen.cli.checkpoints import CHECKPOINT_DIR, CONFIG_FILE, LAST, check_state_matches, load_checkpoint
+from flowgen.cli.checkpoints import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    check_state_matches,
+    find_in_run_dir,
+    load_checkpoint,
+)
 from flowgen.cli.errors import UserError
 from flowgen.training import FlowModule
 
@@ -44,9 +50,9 @@ def find_checkpoint(ckpt_path: str | Path) -> Path:
         return path
     if not path.is_dir():
         raise UserError(f"ckpt_path={ckpt_path}: no such checkpoint file or run directory")
-    for candidate in (path / CHECKPOINT_DIR / LAST, path / LAST):
-        if candidate.is_file():
-            return candidate
+    last = find_in_run_dir(path)
+    if last is not None:
+        return last
     found = sorted(path.glob(f"{CHECKPOINT_DIR}/*.ckpt"), key=lambda p: p.stat().st_mtime) or sorted(
         path.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:

@@ -94,14 +94,12 @@ def _sample_grids(cfg: DictConfig, run: RestoredRun, out_dir: Path, device) -> l
 def _images(cfg: DictConfig, run: RestoredRun, device, indices) -> torch.Tensor:
     """Model inputs y of dataset images (the run's data, split ``cfg.split``), dequantized at bin centres."""
     datamodule = instantiate_data(run.cfg.data)
-    loader = datamodule.eval_dataloader(cfg.split)
-    dataset = loader.dataset
+    size = len(datamodule.eval_dataset(cfg.split))
     for i in indices:
-        if not isinstance(i, int) or not 0 <= i < len(dataset):
-            raise UserError(f"image index {i!r} is outside the {cfg.split} split (0..{len(dataset) - 1})")
-    x = torch.stack([torch.as_tensor(dataset[i][0]) for i in indices]).to(device)
+        if not isinstance(i, int) or not 0 <= i < size:
+            raise UserError(f"image index {i!r} is outside the {cfg.split} split (0..{size - 1})")
     # the bin centre u = 1/2 is the natural deterministic dequantization of an image
-    return run.module.dequantizer.model_input(x, torch.full(x.shape, 0.5, device=device))
+    return run.module.dequantizer.bin_centres(datamodule.images(cfg.split, indices).to(device))
 
 
 def _interpolation(cfg: DictConfig, run: RestoredRun, out_dir: Path, device) -> list[Path]:

@@ -225,12 +225,23 @@ class ImageDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.test_set)
 
-    def eval_dataloader(self, split: str) -> DataLoader:
-        """Every image of ``split`` (train, val or test) exactly once, in order, never augmented."""
+    def eval_dataset(self, split: str) -> Dataset:
+        """The images of ``split`` (train, val or test), never augmented."""
         sets = {"train": self.train_set_unaugmented, "val": self.val_set, "test": self.test_set}
         if split not in sets:
             raise ValueError(f"split={split!r} is not a split; choose train, val or test")
-        return self._eval_loader(sets[split])
+        if sets[split] is None:
+            raise RuntimeError("call setup() before asking ImageDataModule for a split")
+        return sets[split]
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """Every image of ``split`` exactly once, in order, never augmented."""
+        return self._eval_loader(self.eval_dataset(split))
+
+    def images(self, split: str, indices) -> torch.Tensor:
+        """The integer images of ``split`` at ``indices``, stacked: uint8 (N, C, H, W)."""
+        dataset = self.eval_dataset(split)
+        return torch.stack([torch.as_tensor(dataset[i][0]) for i in indices])
 
 
 def _validate(

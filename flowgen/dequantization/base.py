@@ -102,6 +102,10 @@ class Dequantization(nn.Module):
         idx = x.long()
         return torch.clamp(y, lo[idx], hi[idx])
 
+    def bin_centres(self, x: torch.Tensor) -> torch.Tensor:
+        """The deterministic model input of integer images: every pixel at the centre of its bin, u = 1/2."""
+        return self.model_input(x, torch.full(x.shape, 0.5, device=x.device))
+
     def _level_bounds(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = str(device)
         if key not in self._bounds:

@@ -32,15 +32,13 @@ class InvertibilityMonitor(L.Callback):
 
     def _fixed_batch(self, trainer, pl_module, fallback) -> torch.Tensor:
         if self._batch is None:
-            x = None
             datamodule = trainer.datamodule
-            if datamodule is not None and getattr(datamodule, "val_set", None) is not None and len(datamodule.val_set):
-                n = min(self.num_images, len(datamodule.val_set))
-                x = torch.stack([torch.as_tensor(datamodule.val_set[i][0]) for i in range(n)])
-            if x is None:
+            val = getattr(datamodule, "val_set", None)
+            if val is not None and len(val):
+                x = datamodule.images("val", range(min(self.num_images, len(val))))
+            else:
                 x = fallback[: self.num_images]
-            x = x.to(pl_module.device)
-            self._batch = pl_module.dequantizer.model_input(x, torch.full(x.shape, 0.5, device=x.device))
+            self._batch = pl_module.dequantizer.bin_centres(x.to(pl_module.device))
         return self._batch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

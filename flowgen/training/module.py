@@ -17,6 +17,7 @@ from flowgen.evaluation import batch_generator, likelihood_bounds
 from flowgen.likelihood import bits_per_dim, log_likelihood_bound, nats_to_bpd
 from flowgen.sampling import sample_pixels
 from flowgen.training.ema import EMA
+from flowgen.training.nan_guard import gradient_norm
 from flowgen.training.rng import rng_states, set_rng_states
 from flowgen.training.schedules import warmup_then
 
@@ -102,9 +103,9 @@ class FlowModule(L.LightningModule):
         return bpd
 
     def on_before_optimizer_step(self, optimizer):
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+        norm = gradient_norm(self.parameters())
+        if norm is not None:
+            self.log("train/grad_norm", norm)
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)

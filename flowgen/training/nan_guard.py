@@ -13,14 +13,18 @@ class NonFiniteStepsError(UserError):
     """Training met too many consecutive NaN/Inf steps; the message names the step and the way out."""
 
 
-def gradients_are_finite(parameters) -> torch.Tensor:
-    """A 0-d bool tensor: every gradient entry is finite (no host synchronisation)."""
+def gradient_norm(parameters) -> torch.Tensor | None:
+    """The global L2 norm of all gradients as a 0-d tensor (one fused kernel, no host sync); None without any."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
-        return torch.ones((), dtype=torch.bool)
-    # one fused pass: the sum of the per-tensor norms is finite iff every entry is
-    norms = torch._foreach_norm(grads)
-    return torch.isfinite(torch.stack(norms).sum())
+        return None
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def gradients_are_finite(parameters) -> torch.Tensor:
+    """A 0-d bool tensor: every gradient entry is finite (the global norm is finite iff every entry is)."""
+    norm = gradient_norm(parameters)
+    return torch.ones((), dtype=torch.bool) if norm is None else torch.isfinite(norm)
 
 
 def all_ranks_finite(finite: torch.Tensor) -> bool:
