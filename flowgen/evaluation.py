@@ -6,9 +6,10 @@ One implementation serves the training module's validation/test steps and ``eval
     ELBO   = mean_s w_s - D log K                       (uniform: the average over S draws of u)
     IW     = logmeanexp_s w_s - D log K  >=  ELBO       (equal at S = 1; -> log P(x) as S grows)
 
-both from the same draws (terms in ``flowgen.likelihood``).  The noise of batch i comes from a
-generator seeded with (seed, i), so a score is reproducible and does not depend on, or move,
-the global RNG: the same checkpoint, data, batch size and seed give the same number anywhere.
+both from the same draws (terms in ``flowgen.likelihood``).  The noise of the image with
+dataset index i comes from its own generator seeded with (seed, i), so a score is reproducible
+and does not depend on, or move, the global RNG, nor on the batch size or on how images are
+shared out among DDP ranks: the same checkpoint, data and seed give the same number anywhere.
 """
 
 from __future__ import annotations
@@ -21,15 +22,28 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from flowgen.dequantization.base import Generators
 from flowgen.likelihood import bits_per_dim, importance_weighted_bound, log_likelihood_bound
 
-# a large prime keeps the per-batch seeds of different run seeds apart
-_SEED_STRIDE = 1_000_003
+
+def image_generators(device: torch.device | str, seed: int, indices: Iterable[int] | torch.Tensor
+                     ) -> list[torch.Generator]:
+    """One noise generator per image, seeded with (seed, dataset index), on ``device``."""
+    if isinstance(indices, torch.Tensor):
+        indices = indices.tolist()
+    return [torch.Generator(device=device).manual_seed(_mix(seed, int(i))) for i in indices]
 
 
-def batch_generator(device: torch.device | str, seed: int, batch_idx: int) -> torch.Generator:
-    """The noise generator of batch ``batch_idx`` under ``seed``, on ``device``."""
-    return torch.Generator(device=device).manual_seed(seed * _SEED_STRIDE + batch_idx)
+def _mix(seed: int, index: int) -> int:
+    """A well-spread 64-bit seed for the pair (seed, index): splitmix64's finaliser of seed·2^32 + index.
+
+    The CPU generator keeps only the low 32 bits of a seed, so the pair is hashed rather than
+    packed (packed, every run seed would share its images' noise)."""
+    z = (((seed & 0xFFFFFFFF) << 32) | (index & 0xFFFFFFFF)) + 0x9E3779B97F4A7C15
+    z &= 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
 
 
 def likelihood_bounds(
@@ -38,11 +52,12 @@ def likelihood_bounds(
     x: torch.Tensor,
     labels: torch.Tensor | None = None,
     num_samples: int = 1,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ELBO, IW bound, first draw's y) for integer images x: two (B,) float32 tensors of log P(x) bounds in nats.
 
-    ``labels`` go to the model's class-conditional prior (None for an unconditional model).
+    ``labels`` go to the model's class-conditional prior (None for an unconditional model);
+    ``generator``: one for the batch, or one per image (``image_generators``).
     """
     num_dims = math.prod(x.shape[1:])
     num_levels = dequantizer.num_levels
@@ -94,7 +109,7 @@ def evaluate_split(
     device: torch.device | str = "cpu",
     on_batch=None,
 ) -> SplitScore:
-    """Score every image of ``batches`` (an iterable of (pixels, labels)), in order.
+    """Score every image of ``batches`` (an iterable of (pixels, labels, dataset indices)), in order.
 
     ``on_batch(num_images)`` is called after each batch (a progress bar).  Images per second
     counts the bound computation only (data loading and the reconstruction check excluded).
@@ -106,13 +121,13 @@ def evaluate_split(
     recon = torch.zeros((), device=device)
     seconds = 0.0
     num_dims = None
-    for batch_idx, (x, labels) in enumerate(batches):
+    for x, labels, indices in batches:
         x, labels = x.to(device), labels.to(device)
         num_dims = math.prod(x.shape[1:])
         _synchronize(device)
         start = time.perf_counter()
         elbo, iw, y = likelihood_bounds(model, dequantizer, x, labels if class_conditional else None, num_samples,
-                                        batch_generator(device, seed, batch_idx))
+                                        image_generators(device, seed, indices))
         _synchronize(device)
         seconds += time.perf_counter() - start
         recon = torch.maximum(recon, reconstruction_error(model, y, labels if class_conditional else None))

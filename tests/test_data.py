@@ -111,9 +111,10 @@ def test_dataloaders_follow_the_batch_contract(tmp_path):
     assert x.dtype == torch.uint8 and y.dtype == torch.int64
     # Evaluation sees every image exactly once, in order, the last batch possibly short.
     test = list(dm.test_dataloader())
-    assert [len(y) for _, y in test] == [2, 2, 1]
-    assert torch.cat([y for _, y in test]).tolist() == [0, 1, 2, 3, 4]
-    assert sum(len(y) for _, y in dm.val_dataloader()) == 3
+    assert [len(y) for _, y, _ in test] == [2, 2, 1]
+    assert torch.cat([y for _, y, _ in test]).tolist() == [0, 1, 2, 3, 4]
+    assert torch.cat([i for _, _, i in test]).tolist() == [0, 1, 2, 3, 4]  # dataset indices travel along
+    assert sum(len(y) for _, y, _ in dm.val_dataloader()) == 3
 
 
 def test_train_loader_keeps_a_split_smaller_than_one_batch(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flowgen.dequantization import UniformDequantization, VariationalDequantization
-from flowgen.evaluation import batch_generator, evaluate_split, likelihood_bounds
+from flowgen.evaluation import evaluate_split, image_generators, likelihood_bounds
 from flowgen.latents import interpolate, interpolate_vectors, reconstruct
 from flowgen.likelihood import bits_per_dim
 from flowgen.models import Glow
@@ -61,12 +61,13 @@ def test_bounds_agree_exactly_with_one_draw(kind):
 def test_split_score_is_an_average_over_images_in_order():
     model, dequantizer = flow_and_dequantizer("uniform")
     x = pixels(10)
-    batches = [(x[:4], torch.zeros(4)), (x[4:], torch.zeros(6))]  # uneven batches
+    index = torch.arange(10)
+    batches = [(x[:4], torch.zeros(4), index[:4]), (x[4:], torch.zeros(6), index[4:])]  # uneven batches
     score = evaluate_split(model, dequantizer, batches, seed=2)
     per_image = []
-    for i, (xb, _) in enumerate(batches):
+    for xb, _, ib in batches:
         with torch.no_grad():
-            elbo, _, _ = likelihood_bounds(model, dequantizer, xb, generator=batch_generator("cpu", 2, i))
+            elbo, _, _ = likelihood_bounds(model, dequantizer, xb, generator=image_generators("cpu", 2, ib))
         per_image.append(bits_per_dim(elbo, 16))
     per_image = torch.cat(per_image)
     torch.testing.assert_close(score.per_image_bpd, per_image)
@@ -74,12 +75,27 @@ def test_split_score_is_an_average_over_images_in_order():
     assert score.recon_error < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["uniform", "variational"])
+def test_an_images_score_does_not_depend_on_its_batch(kind):
+    """Noise seeded per image: any batching, and any sharing out among DDP ranks, gives the same scores."""
+    model, dequantizer = flow_and_dequantizer(kind)
+    x, index = pixels(10), torch.arange(10)
+    whole = evaluate_split(model, dequantizer, [(x, torch.zeros(10), index)], num_samples=2, seed=4)
+    # rank 0 of 2 scores images 0, 2, 4, ...; rank 1 images 1, 3, 5, ... (EvaluationShardSampler)
+    shards = [evaluate_split(model, dequantizer, [(x[r::2], torch.zeros(5), index[r::2])], num_samples=2, seed=4)
+              for r in (0, 1)]
+    interleaved = torch.stack([shards[0].per_image_bpd, shards[1].per_image_bpd], dim=1).flatten()
+    torch.testing.assert_close(interleaved, whole.per_image_bpd, rtol=0, atol=1e-5)
+    other_seed = evaluate_split(model, dequantizer, [(x, torch.zeros(10), index)], num_samples=2, seed=5)
+    assert not torch.allclose(other_seed.per_image_bpd, whole.per_image_bpd)
+
+
 def test_the_global_rng_is_left_alone():
     model, dequantizer = flow_and_dequantizer("uniform")
     torch.manual_seed(11)
     expected = torch.rand(3)
     torch.manual_seed(11)
-    evaluate_split(model, dequantizer, [(pixels(), torch.zeros(6))])
+    evaluate_split(model, dequantizer, [(pixels(), torch.zeros(6), torch.arange(6))])
     torch.testing.assert_close(torch.rand(3), expected)
 
 

@@ -16,7 +16,7 @@ from flowgen.cli.errors import run_reporting_errors
 from flowgen.cli.evaluate import evaluate
 from flowgen.cli.restore import restore_run
 from flowgen.cli.sample import sample
-from flowgen.evaluation import batch_generator
+from flowgen.evaluation import image_generators
 from flowgen.likelihood import bits_per_dim, dequantize
 from tests.fake_datasets import write_cifar10, write_png
 from tests.train_runner import FAST, REPO, run_dir, run_entry
@@ -177,8 +177,8 @@ def test_evaluate_equals_a_direct_computation(trained_digits, tmp_path):
     data.setup()
     bpds = []
     with torch.no_grad():
-        for i, (x, _) in enumerate(data.val_dataloader()):
-            u = torch.rand(x.shape, generator=batch_generator("cpu", 5, i))
+        for x, _, index in data.val_dataloader():
+            u = torch.stack([torch.rand(x.shape[1:], generator=g) for g in image_generators("cpu", 5, index)])
             y = dequantize(x, u, 17)
             log_px = restored.module.model.log_prob(y) - 64 * math.log(17)
             bpds.append(bits_per_dim(log_px, 64))

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from flowgen.data import digits, folder, imagenet_downsampled, torchvision_sets
 from flowgen.data.quantize import levels_for_bits
 from flowgen.data.sampler import EvaluationShardSampler, ResumableShuffleSampler
-from flowgen.data.splits import LevelImages, RawSplits
+from flowgen.data.splits import LevelImages, RawSplits, WithIndex
 from flowgen.data.transforms import pixel_pipeline
 
 DATASETS = (
@@ -157,7 +157,7 @@ class ImageDataModule(L.LightningDataModule):
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         sampler = EvaluationShardSampler(dataset) if distributed and torch.distributed.get_world_size() > 1 else None
         return DataLoader(
-            dataset,
+            WithIndex(dataset),  # batches (levels, labels, dataset indices)
             batch_size=self.eval_batch_size,
             sampler=sampler,
             shuffle=False,
@@ -235,7 +235,7 @@ class ImageDataModule(L.LightningDataModule):
         return sets[split]
 
     def eval_dataloader(self, split: str) -> DataLoader:
-        """Every image of ``split`` exactly once, in order, never augmented."""
+        """Every image of ``split`` exactly once, in order, never augmented: batches (levels, labels, indices)."""
         return self._eval_loader(self.eval_dataset(split))
 
     def images(self, split: str, indices) -> torch.Tensor:

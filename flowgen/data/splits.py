@@ -93,3 +93,18 @@ class LevelImages(Dataset):
         if flip and self.hflip:
             x = x.flip(-1)  # commutes with the centre crop, resize and quantization before it
         return x, -1 if label is None else int(label)
+
+
+class WithIndex(Dataset):
+    """Evaluation items ``(levels, label, index)``: the index travels with the image, so that its
+    dequantization noise can be seeded by it (the same score on 1 or N processes, any batch size)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        x, label = self.dataset[i]
+        return x, label, i

@@ -9,7 +9,8 @@ of the noise it drew (see flowgen/likelihood.py for the bound these two terms en
 with u ∈ [0, 1)^D drawn from q(· | x).  ``draw_noise(x) -> (u, log_q)`` is the same draw
 before the rescaling, and ``sample_noise(x, S)`` stacks S independent draws for the
 importance-weighted bound.  A ``torch.Generator`` (on x's device) makes a draw reproducible
-without touching the global RNG; evaluation uses one per batch.
+without touching the global RNG; a sequence of generators, one per image, makes each image's
+noise independent of the batch it is in (evaluation: the same number on 1 or N processes).
 
 Why y is clamped to a per-level table.  In float32, y = (x + u)/K - 1/2 is rounded two or
 three times, and within a few ulps of a bin edge the rounding can carry y into the
@@ -22,10 +23,24 @@ rounding artefacts, and afterwards ``quantize(y, K) == x`` holds exactly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from flowgen.likelihood import dequantize, quantize
+
+# one generator for the batch, one per image, or None for the global RNG
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def uniform_noise(x: torch.Tensor, generator: Generators = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """U[0, 1) noise shaped like x, drawn from ``generator`` (per image when it is a sequence)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(x.shape, device=x.device, dtype=dtype, generator=generator)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]} images")
+    return torch.stack([torch.rand(x.shape[1:], device=x.device, dtype=dtype, generator=g) for g in generator])
 
 
 def level_bounds(num_levels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,21 +76,22 @@ class Dequantization(nn.Module):
         self.num_levels = num_levels
         self._bounds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per device; not state
 
-    def draw_noise(self, x: torch.Tensor, generator: torch.Generator | None = None
+    def draw_noise(self, x: torch.Tensor, generator: Generators = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
         """(u ∈ [0,1)^D shaped like x, log q(u|x) of shape (B,))."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
         self.check_pixels(x)
         u, log_q = self.draw_noise(x, generator)
         return self.model_input(x, u), log_q.float()
 
-    def sample_noise(self, x: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+    def sample_noise(self, x: torch.Tensor, num_samples: int, generator: Generators = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """S independent draws per image: y of shape (S, B, C, H, W), log_q of shape (S, B).
 
-        One ``forward`` per sample, so memory stays that of a single draw whatever S is.
+        One ``forward`` per sample, so memory stays that of a single draw whatever S is.  With one
+        generator per image, draw s of image i is the s-th draw of generator i, whatever the batch.
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from flowgen.dequantization.base import Dequantization
+from flowgen.dequantization.base import Dequantization, Generators, uniform_noise
 
 
 class UniformDequantization(Dequantization):
@@ -13,7 +13,6 @@ class UniformDequantization(Dequantization):
     def __init__(self, num_levels: int):
         super().__init__(num_levels)
 
-    def draw_noise(self, x: torch.Tensor, generator: torch.Generator | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        u = torch.rand(x.shape, device=x.device, generator=generator)  # float32, multiples of 2**-24 in [0, 1 - 2**-24]
+    def draw_noise(self, x: torch.Tensor, generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
+        u = uniform_noise(x, generator)  # float32, multiples of 2**-24 in [0, 1 - 2**-24]
         return u, torch.zeros(x.shape[0], device=x.device)

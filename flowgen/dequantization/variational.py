@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowgen.dequantization.base import Dequantization
+from flowgen.dequantization.base import Dequantization, Generators, uniform_noise
 from flowgen.flows.base import Flow, FlowSequence, no_autocast, sum_except_batch
 from flowgen.flows.coupling import Coupling
 from flowgen.flows.nets import ResNetConditioner
@@ -158,15 +158,14 @@ class VariationalDequantization(Dequantization):
         super().__init__(num_levels)
         self.flow = NoiseFlow(num_levels, channels, hidden_channels, num_couplings, feature_channels, num_blocks)
 
-    def draw_noise(self, x: torch.Tensor, generator: torch.Generator | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw_noise(self, x: torch.Tensor, generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
         # float32 unless the module was converted to float64 (exactness tests)
         dtype = torch.float64 if self.flow.feature_net[0].weight.dtype == torch.float64 else torch.float32
         with no_autocast(x):
             # torch.rand can return exactly 0 (logit(0) = -inf); the clamp moves only that one
             # grid value (probability 2**-24 per pixel in float32) to the next one, 2**-24.
             # The upper bound is torch.rand's own maximum in float32, so it never binds there.
-            u0 = torch.rand(x.shape, device=x.device, dtype=dtype, generator=generator)
+            u0 = uniform_noise(x, generator, dtype)
             u0 = torch.clamp(u0, *open_unit_bounds(dtype))
             u, logdet = self.flow(u0, x)
         return u, -logdet  # log q(u|x) = log U(u0) - log|det ∂u/∂u0|, with log U(u0) = 0

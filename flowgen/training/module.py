@@ -13,7 +13,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from flowgen.errors import UserError
-from flowgen.evaluation import batch_generator, likelihood_bounds
+from flowgen.evaluation import image_generators, likelihood_bounds
 from flowgen.likelihood import bits_per_dim, log_likelihood_bound, nats_to_bpd
 from flowgen.sampling import sample_pixels
 from flowgen.training.ema import EMA
@@ -34,7 +34,8 @@ class FlowModule(L.LightningModule):
     Validation and test report exact averages over images (``MeanMetric`` weights each image
     once, and sums across ranks), never averages of batch means.  They score with
     ``flowgen.evaluation.likelihood_bounds`` (the code ``evaluate.py`` runs) on noise seeded per
-    batch, so the val curve is not jittered by fresh noise and ``evaluate.py`` reproduces test/bpd.
+    image, so the val curve is not jittered by fresh noise, and ``evaluate.py`` on one process
+    reproduces the test/bpd of a run on any number of devices.
 
     Args:
         model: a flow with ``log_prob(y, labels)`` and ``sample(n, temperature, y, generator)``.
@@ -45,7 +46,7 @@ class FlowModule(L.LightningModule):
         ema_decay: keep an EMA of the flow's weights, used for validation, test and sampling.
         class_conditional: feed the dataset labels to the model's class-conditional prior.
         eval_samples: S, dequantization draws averaged per image in validation and test.
-        eval_seed: seeds the per-batch validation/test noise (``evaluation.batch_generator``).
+        eval_seed: seeds the per-image validation/test noise (``evaluation.image_generators``).
         run_config: the resolved run configuration, saved in every checkpoint so that the
             model can be rebuilt from the checkpoint alone.
     """
@@ -126,12 +127,10 @@ class FlowModule(L.LightningModule):
 
     def eval_bpd(self, batch, batch_idx) -> torch.Tensor:
         """Per-image bpd of the eval weights (ELBO over ``eval_samples`` draws), shape (B,)."""
-        x, labels = batch
-        # batches of different ranks get different noise; one process reproduces evaluate.py
-        index = batch_idx * self.trainer.world_size + self.trainer.global_rank
-        generator = batch_generator(x.device, self.hparams.eval_seed, index)
+        x, labels, indices = batch  # evaluation batches carry the images' dataset indices
+        generators = image_generators(x.device, self.hparams.eval_seed, indices)
         elbo, _, _ = likelihood_bounds(self.eval_model, self.dequantizer, x, labels if self.class_conditional else None,
-                                       self.hparams.eval_samples, generator)
+                                       self.hparams.eval_samples, generators)
         return bits_per_dim(elbo, self.num_dims)
 
     def validation_step(self, batch, batch_idx):
