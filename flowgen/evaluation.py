@@ -108,13 +108,17 @@ def evaluate_split(
     seed: int = 0,
     device: torch.device | str = "cpu",
     on_batch=None,
+    precision: str = "32-true",
 ) -> SplitScore:
     """Score every image of ``batches`` (an iterable of (pixels, labels, dataset indices)), in order.
 
     ``on_batch(num_images)`` is called after each batch (a progress bar).  Images per second
     counts the bound computation only (data loading and the reconstruction check excluded).
+    ``precision`` (Lightning's names) runs the bounds and the reconstruction under autocast, as
+    training with that precision does: the conditioners in low precision, the sums in float32.
     """
     device = torch.device(device)
+    autocast = autocast_context(device, precision)
     model.eval()
     dequantizer.eval()
     elbos, iws, all_labels = [], [], []
@@ -126,11 +130,13 @@ def evaluate_split(
         num_dims = math.prod(x.shape[1:])
         _synchronize(device)
         start = time.perf_counter()
-        elbo, iw, y = likelihood_bounds(model, dequantizer, x, labels if class_conditional else None, num_samples,
-                                        image_generators(device, seed, indices))
+        with autocast:
+            elbo, iw, y = likelihood_bounds(model, dequantizer, x, labels if class_conditional else None,
+                                            num_samples, image_generators(device, seed, indices))
         _synchronize(device)
         seconds += time.perf_counter() - start
-        recon = torch.maximum(recon, reconstruction_error(model, y, labels if class_conditional else None))
+        with autocast:
+            recon = torch.maximum(recon, reconstruction_error(model, y, labels if class_conditional else None))
         elbos.append(elbo.cpu())
         iws.append(iw.cpu())
         all_labels.append(labels.cpu())
@@ -154,6 +160,19 @@ def evaluate_split(
         per_image_bpd_iw=per_image_bpd_iw,
         labels=torch.cat(all_labels),
     )
+
+
+PRECISIONS = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def autocast_context(device: torch.device, precision: str):
+    """The autocast region of a Lightning precision name (a no-op context for 32-true)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype is torch.float16 and device.type != "cuda":
+        raise ValueError("precision=16-mixed needs a CUDA device; on the CPU use bf16-mixed")
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -13,7 +14,7 @@ from rich.table import Table
 
 from flowgen.cli.errors import UserError
 from flowgen.cli.restore import RestoredRun, instantiate_data, resolve_device, restore_run
-from flowgen.evaluation import SplitScore, evaluate_split
+from flowgen.evaluation import PRECISIONS, SplitScore, evaluate_split
 
 SPLITS = ("train", "val", "test")
 
@@ -28,6 +29,12 @@ def evaluate(cfg: DictConfig) -> dict:
     seed = cfg.seed if cfg.seed is not None else _run_eval(run, "seed", 0)
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise UserError(f"num_samples={num_samples!r} must be an integer >= 1")
+
+    precision = str(cfg.get("precision") or "32-true")
+    if precision not in PRECISIONS:
+        raise UserError(f"precision={precision} is not one of {', '.join(PRECISIONS)}")
+    if PRECISIONS[precision] is torch.float16 and device.type != "cuda":
+        raise UserError("precision=16-mixed needs a CUDA device; on the CPU use precision=bf16-mixed")
 
     data_cfg = _data_config(cfg, run)
     datamodule = instantiate_data(data_cfg)
@@ -44,7 +51,7 @@ def evaluate(cfg: DictConfig) -> dict:
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(f"{data_cfg.name}/{cfg.split}", total=total)
         score = evaluate_split(run.model, run.module.dequantizer, loader, class_conditional, num_samples, seed,
-                               device, on_batch=lambda n: progress.advance(task, n))
+                               device, on_batch=lambda n: progress.advance(task, n), precision=precision)
 
     result = {
         "checkpoint": str(run.ckpt),
@@ -55,6 +62,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "seed": seed,
         "batch_size": loader.batch_size,
         "device": str(device),
+        "precision": precision,
         **score.summary(),
     }
     output = Path(cfg.output) if cfg.get("output") else run.ckpt.with_name(

@@ -1,0 +1,118 @@
+"""Mixed precision: the conditioners run in bf16/fp16, every likelihood term stays float32.
+
+bf16-mixed runs on the CPU (autocast), so these tests run everywhere; 16-mixed needs CUDA.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from contextlib import contextmanager
+
+import pytest
+import torch
+from conftest import initialize_actnorms, perturb_parameters
+from train_runner import FAST, run_dir, run_entry
+
+from flowgen.data import ImageDataModule
+from flowgen.dequantization import UniformDequantization, VariationalDequantization
+from flowgen.evaluation import autocast_context, evaluate_split, likelihood_bounds
+from flowgen.likelihood import bits_per_dim
+from flowgen.models import Glow, RealNVP
+
+K = 17  # digits: 17 levels, 8x8, one channel
+
+
+def digits_batch(n: int = 128):
+    data = ImageDataModule(name="digits", num_levels=K, image_size=8, channels=1, n_bits=None, batch_size=64,
+                           eval_batch_size=n, num_workers=0, val_size=297, split_seed=0)
+    data.setup()
+    return next(iter(data.eval_dataloader("val")))
+
+
+def trained_like(model_name: str) -> torch.nn.Module:
+    """A small flow with non-trivial weights and ActNorm initialised on digits."""
+    torch.manual_seed(0)
+    if model_name == "glow":
+        model = Glow(in_channels=1, image_size=8, levels=2, steps=4, hidden_channels=32)
+    else:
+        model = RealNVP(in_channels=1, image_size=8, scales=2, hidden_channels=32, num_blocks=2)
+    perturb_parameters(model, std=0.02)
+    x, _, _ = digits_batch()
+    initialize_actnorms(model, (x.float() + torch.rand(x.shape)) / K - 0.5)
+    return model.eval()
+
+
+@contextmanager
+def conditioner_dtypes(model: torch.nn.Module):
+    """Collects the output dtypes of every convolution inside the block (the conditioners' precision)."""
+    seen, hooks = set(), []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            hooks.append(module.register_forward_hook(lambda m, i, o: seen.add(o.dtype)))
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("model_name", ["glow", "realnvp"])
+@pytest.mark.parametrize("kind", ["uniform", "variational"])
+def test_bf16_mixed_bpd_is_within_one_percent_of_float32_on_the_same_weights_and_batch(model_name, kind):
+    model = trained_like(model_name)
+    if kind == "uniform":
+        dequantizer = UniformDequantization(K)
+    else:
+        dequantizer = VariationalDequantization(K, channels=1, hidden_channels=8)
+        perturb_parameters(dequantizer, std=0.05, seed=1)
+    x, _, _ = digits_batch()
+    bpd = {}
+    for precision in ("32-true", "bf16-mixed"):
+        generator = torch.Generator().manual_seed(7)  # the same noise in both precisions
+        with torch.no_grad(), autocast_context(torch.device("cpu"), precision), conditioner_dtypes(model) as dtypes:
+            elbo = likelihood_bounds(model, dequantizer, x, None, 1, generator)[0]
+        assert dtypes == ({torch.float32} if precision == "32-true" else {torch.bfloat16})
+        assert elbo.dtype == torch.float32  # the likelihood is summed in float32 either way
+        bpd[precision] = bits_per_dim(elbo, 64).mean().item()
+    assert math.isfinite(bpd["bf16-mixed"])
+    assert abs(bpd["bf16-mixed"] / bpd["32-true"] - 1) < 0.01, bpd
+
+
+def test_bf16_reconstruction_error_is_measured_and_small():
+    """x -> z -> x under bf16-mixed: not exact (the conditioners round to 8 bits), but far below a bin."""
+    model = trained_like("glow")
+    x, labels, index = digits_batch()
+    scores = {p: evaluate_split(model, UniformDequantization(K), [(x, labels, index)], precision=p)
+              for p in ("32-true", "bf16-mixed")}
+    assert scores["32-true"].recon_error < 1e-5
+    assert scores["32-true"].recon_error <= scores["bf16-mixed"].recon_error < 0.5 / K  # half a pixel bin
+    assert abs(scores["bf16-mixed"].bpd / scores["32-true"].bpd - 1) < 0.01
+
+
+def test_16_mixed_on_the_cpu_is_refused_with_a_pointer_to_bf16():
+    with pytest.raises(ValueError, match="needs a CUDA device.*bf16-mixed"):
+        autocast_context(torch.device("cpu"), "16-mixed")
+
+
+def test_bf16_mixed_training_run_on_digits(tmp_path):
+    run = run_entry("train.py", ["logger=csv", *FAST, "trainer.precision=bf16-mixed", "run_name=bf16",
+                                 "model.hidden_channels=16"], tmp_path)
+    assert run.returncode == 0, run.output[-3000:]
+    rows = list(csv.DictReader((run_dir(tmp_path, "bf16") / "csv" / "version_0" / "metrics.csv").open()))
+    train = [float(r["train/bpd"]) for r in rows if r.get("train/bpd")]
+    skipped = [float(r["train/skipped_steps"]) for r in rows if r.get("train/skipped_steps")]
+    assert len(train) == 6 and all(math.isfinite(v) for v in train)
+    assert skipped and max(skipped) == 0  # no step was dropped by the NaN guard
+    assert math.isfinite(float([r for r in rows if r.get("test/bpd")][-1]["test/bpd"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_training_on_cuda(tmp_path, precision):
+    run = run_entry("train.py", ["logger=csv", *[a for a in FAST if a != "trainer.accelerator=cpu"],
+                                 "trainer.accelerator=gpu", f"trainer.precision={precision}", "run_name=gpu"], tmp_path)
+    assert run.returncode == 0, run.output[-3000:]
+    rows = list(csv.DictReader((run_dir(tmp_path, "gpu") / "csv" / "version_0" / "metrics.csv").open()))
+    assert all(math.isfinite(float(r["train/bpd"])) for r in rows if r.get("train/bpd"))
