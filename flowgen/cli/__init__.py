@@ -1,5 +1,6 @@
 """What the entry points call: compose, build, run, report."""
 
+import os
 from datetime import datetime
 
 from omegaconf import OmegaConf
@@ -12,3 +13,8 @@ def _run_dir_name(name) -> str:
 
 if not OmegaConf.has_resolver("run_dir_name"):
     OmegaConf.register_new_resolver("run_dir_name", _run_dir_name)
+
+# The directory the command was started in (Hydra's ${hydra:runtime.cwd}, which is not set yet
+# when a sweeper such as Optuna reads hydra.sweep.dir at start-up).
+if not OmegaConf.has_resolver("launch_dir"):
+    OmegaConf.register_new_resolver("launch_dir", os.getcwd, use_cache=True)

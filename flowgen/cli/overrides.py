@@ -31,11 +31,25 @@ def unknown_choice(args: list[str], config_dir: Path = CONFIG_DIR) -> str | None
             continue
         value = override.value()
         choices = value if isinstance(value, list) else [value]
-        available = sorted(p.stem for p in folder.glob("*.yaml"))
+        available = sorted({p.stem for p in folder.glob("*.yaml")} | set(_plugin_choices(group)))
         for choice in choices:
-            if isinstance(choice, str) and choice != "null" and not (folder / f"{choice}.yaml").is_file():
+            if isinstance(choice, str) and choice != "null" and choice not in available:
                 return f"{group}={choice} is not a {group} config; choose one of {', '.join(available)}"
     return None
+
+
+def _plugin_choices(group: str) -> list[str]:
+    """Choices that Hydra and its plugins register for ``hydra/...`` groups (e.g. hydra/launcher=submitit_local)."""
+    if not group.startswith("hydra/"):
+        return []
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # imports the installed hydra_plugins, which register their configs
+    try:
+        return [name.removesuffix(".yaml") for name in ConfigStore.instance().list(group)]
+    except OSError:  # a group no plugin registers
+        return []
 
 
 def refuse_unknown_choices(args: list[str] | None = None) -> None:

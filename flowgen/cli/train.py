@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from flowgen.cli.checkpoints import (
@@ -55,6 +57,30 @@ def _check_labels(cfg: DictConfig, datamodule) -> None:
                         "set model.num_classes=${data.num_classes}")
 
 
+def _requeued_ckpt_path(ckpt_path: str | None) -> str | None:
+    """A job that can be requeued resumes from its own last.ckpt: ``ckpt_path`` defaults to ``last``
+    in a submitit job (SUBMITIT_EXECUTOR is set; each sweep job has its own new run directory)
+    and in a SLURM job that was requeued (SLURM_RESTART_COUNT > 0), e.g. by scripts/slurm/train.sbatch."""
+    if ckpt_path is not None:
+        return ckpt_path
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        return "last"
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
+        print(f"SLURM requeued this job (restart {os.environ['SLURM_RESTART_COUNT']}): ckpt_path=last", flush=True)
+        return "last"
+    return None
+
+
+def _plugins() -> list:
+    """Atomic checkpoint writes; under SLURM, Lightning's own SIGUSR1 auto-requeue is off because
+    flowgen.training.preemption (with submitit, or the sbatch script) owns preemption."""
+    plugins: list = [AtomicCheckpointIO()]
+    # as Lightning does: an interactive SLURM shell (salloc/srun --pty bash) is not a SLURM launch
+    if SLURMEnvironment.detect() and SLURMEnvironment.job_name() not in ("bash", "interactive"):
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
+
+
 def _report_batch(cfg: DictConfig, trainer: L.Trainer) -> None:
     per_device = cfg.data.batch_size
     devices, nodes = trainer.num_devices, trainer.num_nodes
@@ -68,7 +94,7 @@ def _report_batch(cfg: DictConfig, trainer: L.Trainer) -> None:
 def train(cfg: DictConfig) -> float | None:
     """Train (and test) as configured; returns the best ``val/bpd`` (the metric sweeps minimise)."""
     run_dir = Path(cfg.paths.output_dir)
-    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    ckpt = resolve_ckpt_path(_requeued_ckpt_path(cfg.get("ckpt_path")), run_dir)
     if ckpt is None and cfg.get("train", True) and not cfg.get("overwrite", False):
         refuse_to_overwrite(run_dir)
     L.seed_everything(cfg.seed, workers=True)
@@ -86,7 +112,7 @@ def train(cfg: DictConfig) -> float | None:
         callbacks.append(FinalStepCheckpoint(checkpointing[0]))
     loggers = build_loggers(cfg.get("logger"), run_dir)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                     plugins=[AtomicCheckpointIO()])
+                                     plugins=_plugins())
 
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)

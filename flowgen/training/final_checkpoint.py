@@ -23,6 +23,21 @@ class FinalStepCheckpoint(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.max_steps is None or trainer.max_steps < 0 or trainer.global_step < trainer.max_steps:
             return
-        last = Path(self.checkpoint.dirpath) / f"{self.checkpoint.CHECKPOINT_NAME_LAST}{self.checkpoint.FILE_EXTENSION}"
-        trainer.save_checkpoint(last, weights_only=False)  # a full checkpoint, to resume from
-        self.checkpoint.last_model_path = str(last)
+        save_last_checkpoint(trainer, self.checkpoint)
+
+
+def save_last_checkpoint(trainer: L.Trainer, checkpoint: ModelCheckpoint | None = None) -> Path:
+    """Write ``last.ckpt`` now; call it from ``on_train_batch_end`` on every rank (rank 0 writes).
+
+    Into ``checkpoint``'s directory, else the trainer's checkpoint callback's, else
+    ``<default_root_dir>/checkpoints``.  Returns the path.
+    """
+    checkpoint = checkpoint or trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.dirpath:
+        last = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+    else:
+        last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(last, weights_only=False)  # a full checkpoint, to resume from
+    if checkpoint is not None:
+        checkpoint.last_model_path = str(last)
+    return last
