@@ -55,6 +55,7 @@ def test_signal_names_parse_and_typos_are_refused():
         parse_signal("USR3")
 
 
+@pytest.mark.slow  # the Optuna test below also sweeps through the basic launcher
 def test_multirun_with_the_basic_launcher_runs_every_job(tmp_path):
     run = run_entry("train.py", ["-m", *QUICK, "optimizer.lr=1e-3,2e-3"], tmp_path)
     assert run.returncode == 0, run.output[-3000:]

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from train_runner import FAST, run_dir, run_entry
+from train_runner import FAST, REPO, run_dir, run_entry
 
 from flowgen.flows.actnorm import ActNorm
 from flowgen.training.rank_sync import differing_tensors, tensor_checksums
@@ -79,10 +79,13 @@ def _metrics(run_path) -> dict:
 
 def test_two_process_ddp_run_keeps_ranks_identical_and_scores_like_one_process(tmp_path):
     """trainer=ddp_cpu on digits: exits 0, ranks hold identical weights (ActNorm included) after the
-    first step and at the end, and the test/bpd of the 2-process run equals evaluate.py on one process."""
+    first step and at the end, an Inf gradient on rank 1 alone makes both ranks skip that step,
+    files are written once, and the test/bpd of the 2-process run equals evaluate.py on one process."""
+    poison = ["+callbacks.poison._target_=helpers.poison.InfGradientOnRank", "+callbacks.poison.step=2",
+              "+callbacks.poison.rank=1"]
     run = run_entry("train.py", ["logger=csv", *FAST, "trainer=ddp_cpu", "model.hidden_channels=8",
-                                 "run_name=ddp", "trainer.limit_test_batches=null"],
-                    tmp_path, timeout=600)
+                                 "run_name=ddp", "trainer.limit_test_batches=null", *poison],
+                    tmp_path, timeout=600, env={"PYTHONPATH": str(REPO / "tests")})
     assert run.returncode == 0, run.output[-3000:]
     assert "global batch 128 = 64 per device x 2 devices x 1 nodes x 1 accumulation" in run.stdout
     assert "ranks in sync after the first step" in run.stdout and "ranks in sync at the end of training" in run.stdout
@@ -92,7 +95,9 @@ def test_two_process_ddp_run_keeps_ranks_identical_and_scores_like_one_process(t
     assert len(ckpts) == 2 and ckpts[0].startswith("epoch") and ckpts[1] == "last.ckpt", ckpts
     assert sorted(p.name for p in (path / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]
     assert [p.name for p in (path / "csv").iterdir()] == ["version_0"]
-    test_bpd = _metrics(path)["test/bpd"]
+    metrics = _metrics(path)
+    assert metrics["train/skipped_steps"] == 1  # the vote: rank 0 skipped rank 1's bad step too
+    test_bpd = metrics["test/bpd"]
 
     ckpt = next((path / "checkpoints").glob("epoch*.ckpt"))
     score = run_entry("evaluate.py", [f"ckpt_path={ckpt}", "split=test", f"output={tmp_path / 'score.json'}",

@@ -197,6 +197,7 @@ def test_evaluate_variational_reports_elbo_and_importance_weighted(trained_condi
     assert "importance-weighted, K=4" in run.stdout
 
 
+@pytest.mark.slow  # three subprocesses (~30 s): `make test-full`
 def test_evaluate_on_other_data_and_a_shape_mismatch(tmp_path):
     """Out-of-distribution use: a CIFAR-10 model scored on a folder of PNGs; digits are refused by shape."""
     write_cifar10(tmp_path / "data", per_batch=8, n_test=8)
