@@ -104,3 +104,19 @@ def test_run_name_makes_the_run_directory_deterministic(tmp_path):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=["run_name=my_run", f"paths.log_dir={tmp_path}"], return_hydra_config=True)
     assert cfg.hydra.run.dir == f"{tmp_path}/train/runs/my_run"
+
+
+def test_learning_rate_scaling_rules():
+    from flowgen.cli.errors import UserError
+    from flowgen.cli.train import scaled_learning_rate
+
+    assert scaled_learning_rate(1e-3, 512, 64, "none") == 1e-3
+    assert scaled_learning_rate(1e-3, 512, 64, "linear") == pytest.approx(8e-3)
+    assert scaled_learning_rate(1e-3, 256, 64, "sqrt") == pytest.approx(2e-3)
+    with pytest.raises(UserError, match="lr_scaling.rule=cubic is not one of none, linear, sqrt"):
+        scaled_learning_rate(1e-3, 256, 64, "cubic")
+
+
+def test_lr_scaling_is_off_by_default_and_based_on_the_per_device_batch(tmp_path):
+    cfg = compose_train(tmp_path, ["data.batch_size=32"])
+    assert cfg.lr_scaling.rule == "none" and cfg.lr_scaling.base_batch_size == 32

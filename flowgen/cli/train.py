@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -81,14 +82,35 @@ def _plugins() -> list:
     return plugins
 
 
-def _report_batch(cfg: DictConfig, trainer: L.Trainer) -> None:
+def scaled_learning_rate(lr: float, global_batch: int, base_batch_size: int, rule: str) -> float:
+    """The learning rate for ``global_batch`` from ``lr`` tuned at ``base_batch_size``:
+    ``none`` keeps it, ``linear`` multiplies it by global/base (Goyal et al. 2017), ``sqrt`` by its square root."""
+    ratio = global_batch / base_batch_size
+    factors = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}
+    if rule not in factors:
+        raise UserError(f"lr_scaling.rule={rule} is not one of {', '.join(factors)}")
+    if base_batch_size < 1:
+        raise UserError(f"lr_scaling.base_batch_size={base_batch_size} must be >= 1")
+    return lr * factors[rule]
+
+
+def _global_batch_and_lr(cfg: DictConfig, trainer: L.Trainer, module: FlowModule) -> None:
+    """Work out the global batch and the learning rate for it; print both on rank 0."""
     per_device = cfg.data.batch_size
     devices, nodes = trainer.num_devices, trainer.num_nodes
     accumulate = trainer.accumulate_grad_batches
     total = per_device * devices * nodes * accumulate
+    scaling = cfg.get("lr_scaling") or {}
+    rule, base = scaling.get("rule", "none"), scaling.get("base_batch_size", per_device)
     lr = cfg.optimizer.get("lr")
-    print(f"global batch {total} = {per_device} per device x {devices} devices x {nodes} nodes x "
-          f"{accumulate} accumulation; learning rate {lr} (not rescaled: set optimizer.lr to scale it)", flush=True)
+    scaled = scaled_learning_rate(lr, total, base, rule) if lr is not None else None
+    if scaled is not None and scaled != lr:
+        module.optimizer_factory = partial(module.optimizer_factory, lr=scaled)
+    how = "as given" if rule == "none" else f"{rule} scaling of optimizer.lr={lr} from batch {base}"
+    if trainer.is_global_zero:
+        print(f"global batch {total} = {per_device} per device x {devices} devices x {nodes} nodes x "
+              f"{accumulate} accumulation; learning rate {scaled} ({how}; lr_scaling.rule=none|linear|sqrt)",
+              flush=True)
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -117,7 +139,7 @@ def train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / CONFIG_FILE, resolve=True)
-        _report_batch(cfg, trainer)
+    _global_batch_and_lr(cfg, trainer, module)
     if ckpt is not None and trainer.is_global_zero:
         print(f"resuming from {ckpt}", flush=True)
         for leftover in remove_partial_files(ckpt.parent):
