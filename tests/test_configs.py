@@ -115,6 +115,8 @@ def test_learning_rate_scaling_rules():
     assert scaled_learning_rate(1e-3, 256, 64, "sqrt") == pytest.approx(2e-3)
     with pytest.raises(UserError, match="lr_scaling.rule=cubic is not one of none, linear, sqrt"):
         scaled_learning_rate(1e-3, 256, 64, "cubic")
+    with pytest.raises(UserError, match="base_batch_size=0 must be >= 1"):
+        scaled_learning_rate(1e-3, 256, 0, "linear")
 
 
 def test_lr_scaling_is_off_by_default_and_based_on_the_per_device_batch(tmp_path):

@@ -85,12 +85,12 @@ def _plugins() -> list:
 def scaled_learning_rate(lr: float, global_batch: int, base_batch_size: int, rule: str) -> float:
     """The learning rate for ``global_batch`` from ``lr`` tuned at ``base_batch_size``:
     ``none`` keeps it, ``linear`` multiplies it by global/base (Goyal et al. 2017), ``sqrt`` by its square root."""
+    if base_batch_size < 1:
+        raise UserError(f"lr_scaling.base_batch_size={base_batch_size} must be >= 1")
     ratio = global_batch / base_batch_size
     factors = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}
     if rule not in factors:
         raise UserError(f"lr_scaling.rule={rule} is not one of {', '.join(factors)}")
-    if base_batch_size < 1:
-        raise UserError(f"lr_scaling.base_batch_size={base_batch_size} must be >= 1")
     return lr * factors[rule]
 
 
