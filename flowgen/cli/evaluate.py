@@ -6,7 +6,6 @@ import json
 import math
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -14,7 +13,7 @@ from rich.table import Table
 
 from flowgen.cli.errors import UserError
 from flowgen.cli.restore import RestoredRun, instantiate_data, resolve_device, restore_run
-from flowgen.evaluation import PRECISIONS, SplitScore, evaluate_split
+from flowgen.evaluation import SplitScore, autocast_context, evaluate_split
 
 SPLITS = ("train", "val", "test")
 
@@ -31,10 +30,10 @@ def evaluate(cfg: DictConfig) -> dict:
         raise UserError(f"num_samples={num_samples!r} must be an integer >= 1")
 
     precision = str(cfg.get("precision") or "32-true")
-    if precision not in PRECISIONS:
-        raise UserError(f"precision={precision} is not one of {', '.join(PRECISIONS)}")
-    if PRECISIONS[precision] is torch.float16 and device.type != "cuda":
-        raise UserError("precision=16-mixed needs a CUDA device; on the CPU use precision=bf16-mixed")
+    try:  # the same checks evaluate_split makes, before any data is loaded
+        autocast_context(device, precision)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
 
     data_cfg = _data_config(cfg, run)
     datamodule = instantiate_data(data_cfg)
