@@ -22,10 +22,10 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
-def compose_train(tmp_path, overrides=()):
+def compose_train(tmp_path, overrides=(), config_name="train"):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.log_dir={tmp_path}", f"paths.data_dir={tmp_path}/data",
+        cfg = compose(config_name, overrides=[f"paths.log_dir={tmp_path}", f"paths.data_dir={tmp_path}/data",
                                           *overrides], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):

@@ -88,7 +88,7 @@ def restore_run(ckpt_path: str | Path, use_ema: bool = True, device: str | torch
     hparams = checkpoint.get("hyper_parameters") or {}
     num_levels = hparams.get("num_levels") or _num_levels(cfg)
     try:
-        module = build_module(cfg, num_levels)
+        module = build_module(cfg, num_levels, compile=False)
     except Exception as exc:  # noqa: BLE001 - any failure here means config and code disagree
         raise UserError(f"cannot rebuild the model of {ckpt} from its saved config: {exc}") from None
     check_state_matches(checkpoint["state_dict"], module, ckpt)

@@ -24,16 +24,21 @@ from flowgen.cli.checkpoints import (
 )
 from flowgen.cli.errors import UserError
 from flowgen.cli.loggers import build_loggers
+from flowgen.performance import compile_model, set_channels_last
 from flowgen.training import FlowModule
 from flowgen.training.checkpoint_io import AtomicCheckpointIO, remove_partial_files
 from flowgen.training.final_checkpoint import FinalStepCheckpoint
 
 
-def build_module(cfg: DictConfig, num_levels: int) -> FlowModule:
-    """The flow, its dequantizer and the optimisation settings, from the config alone."""
+def build_module(cfg: DictConfig, num_levels: int, compile: bool = True) -> FlowModule:
+    """The flow, its dequantizer and the optimisation settings, from the config alone.
+    ``compile=False`` skips ``performance.compile`` (evaluate.py and sample.py run a checkpoint eagerly)."""
     model = instantiate(cfg.model)
+    performance = cfg.get("performance") or {}
     dequantizer = instantiate(cfg.dequantization, num_levels=num_levels)
-    return FlowModule(
+    for network in (model, dequantizer):
+        set_channels_last(network, performance.get("channels_last", False))
+    module = FlowModule(
         model=model,
         dequantizer=dequantizer,
         num_levels=num_levels,
@@ -47,6 +52,10 @@ def build_module(cfg: DictConfig, num_levels: int) -> FlowModule:
         eval_seed=OmegaConf.select(cfg, "evaluation.seed", default=0),
         run_config=OmegaConf.to_container(cfg, resolve=True),
     )
+    # after the EMA copy is made: the averaged weights are only evaluated, never worth a compile
+    if compile:
+        compile_model(module.model, performance.get("compile", "none"))
+    return module
 
 
 def _check_labels(cfg: DictConfig, datamodule) -> None:
@@ -113,6 +122,19 @@ def _global_batch_and_lr(cfg: DictConfig, trainer: L.Trainer, module: FlowModule
               flush=True)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); without it oneDNN emulates bf16."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _warn_slow_precision(trainer: L.Trainer) -> None:
+    if str(trainer.precision) == "bf16-mixed" and trainer.strategy.root_device.type == "cpu" \
+            and not cpu_has_fast_bf16() and trainer.is_global_zero:
+        print(f"note: this CPU has no bf16 arithmetic (capability {torch.backends.cpu.get_cpu_capability()}, no "
+              "AVX512-BF16/AMX): bf16-mixed runs its convolutions emulated, several times slower than 32-true",
+              flush=True)
+
+
 def train(cfg: DictConfig) -> float | None:
     """Train (and test) as configured; returns the best ``val/bpd`` (the metric sweeps minimise)."""
     run_dir = Path(cfg.paths.output_dir)
@@ -140,6 +162,7 @@ def train(cfg: DictConfig) -> float | None:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / CONFIG_FILE, resolve=True)
     _global_batch_and_lr(cfg, trainer, module)
+    _warn_slow_precision(trainer)
     if ckpt is not None and trainer.is_global_zero:
         print(f"resuming from {ckpt}", flush=True)
         for leftover in remove_partial_files(ckpt.parent):

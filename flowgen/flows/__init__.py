@@ -4,6 +4,7 @@ from flowgen.flows.actnorm import ActNorm
 from flowgen.flows.base import Flow, FlowSequence
 from flowgen.flows.coupling import Coupling
 from flowgen.flows.invconv import InvConv1x1, InvConv1x1LU
+from flowgen.flows.memory import MEMORY_MODES, InvertibleSequence
 from flowgen.flows.nets import GlowConditioner, ResNetConditioner, ZeroConv2d
 from flowgen.flows.permutation import ReversePermutation, ShufflePermutation
 from flowgen.flows.prior import SplitPrior, TopPrior, gaussian_log_prob, gaussian_sample
@@ -18,6 +19,8 @@ __all__ = [
     "GlowConditioner",
     "InvConv1x1",
     "InvConv1x1LU",
+    "InvertibleSequence",
+    "MEMORY_MODES",
     "ResNetConditioner",
     "ReversePermutation",
     "ShufflePermutation",

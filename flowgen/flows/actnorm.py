@@ -47,7 +47,8 @@ class ActNorm(Flow):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._known_initialized = False  # re-read the loaded buffer on the next forward
+        # read the loaded flag now, once: the hot path (and a compiled graph) never reads the tensor
+        self._known_initialized = self.initialized.device.type != "meta" and bool(self.initialized)
 
     def _is_initialized(self) -> bool:
         if not self._known_initialized:

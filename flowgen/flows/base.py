@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flowgen.flows.memory import MEMORY_MODES, forward_with_memory
+
 
 def logdet_dtype(x: torch.Tensor) -> torch.dtype:
     """float64 for float64 inputs (exactness tests), float32 for everything else (bf16, fp16)."""
@@ -43,18 +45,24 @@ class Flow(nn.Module):
 
 
 class FlowSequence(Flow):
-    """Composition f = f_n ∘ ... ∘ f_1:  log|det J_f| = Σ_i log|det J_{f_i}|."""
+    """Composition f = f_n ∘ ... ∘ f_1:  log|det J_f| = Σ_i log|det J_{f_i}|.
 
-    def __init__(self, flows: list[nn.Module]):
+    ``memory`` chooses how backprop through the sequence stores activations (values and
+    gradients agree to float32 round-off; see ``flowgen.flows.memory``): "standard" keeps every
+    layer's activations, "checkpoint" recomputes each layer's internals in backward, and
+    "invertible" stores only the sequence's output and reconstructs every layer's input
+    from its output with the layer's inverse, so activation memory does not grow with depth.
+    """
+
+    def __init__(self, flows: list[nn.Module], memory: str = "standard"):
         super().__init__()
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"unknown memory {memory!r}; choose one of {', '.join(MEMORY_MODES)}")
         self.flows = nn.ModuleList(flows)
+        self.memory = memory
 
     def forward(self, x, cond=None):
-        logdet = zero_logdet(x)
-        for flow in self.flows:
-            x, ld = flow(x, cond)
-            logdet = logdet + ld
-        return x, logdet
+        return forward_with_memory(self.memory, self.flows, x, cond, zero_logdet(x))
 
     def inverse(self, z, cond=None):
         logdet = zero_logdet(z)

@@ -113,22 +113,47 @@ class Coupling(Flow):
         x_a, x_b, change = self._split(x)
         shift, log_scale = self._params(x_a, cond, x.dtype)
         with no_autocast(x):
-            if log_scale is None:
-                z_b = x_b + shift
-            elif self.scale == "sigmoid":
-                z_b = (x_b + shift) * log_scale.exp()
-            else:
-                z_b = x_b * log_scale.exp() + shift
-            return self._merge(x_a, z_b, x, change), self._logdet(x, log_scale, change)
+            return self._merge(x_a, self._transform(x_b, shift, log_scale), x, change), \
+                self._logdet(x, log_scale, change)
+
+    def _transform(self, x_b, shift, log_scale):
+        if log_scale is None:
+            return x_b + shift
+        if self.scale == "sigmoid":
+            return (x_b + shift) * log_scale.exp()
+        return x_b * log_scale.exp() + shift
+
+    def _untransform(self, z_b, shift, log_scale):
+        if log_scale is None:
+            return z_b - shift
+        if self.scale == "sigmoid":
+            return z_b * (-log_scale).exp() - shift
+        return (z_b - shift) * (-log_scale).exp()
 
     def inverse(self, z, cond=None):
         z_a, z_b, change = self._split(z)
         shift, log_scale = self._params(z_a, cond, z.dtype)
         with no_autocast(z):
-            if log_scale is None:
-                x_b = z_b - shift
-            elif self.scale == "sigmoid":
-                x_b = z_b * (-log_scale).exp() - shift
-            else:
-                x_b = (z_b - shift) * (-log_scale).exp()
-            return self._merge(z_a, x_b, z, change), -self._logdet(z, log_scale, change)
+            return self._merge(z_a, self._untransform(z_b, shift, log_scale), z, change), \
+                -self._logdet(z, log_scale, change)
+
+    def reconstruct(self, z, cond=None):
+        """For invertible backprop (flowgen.flows.memory): (x, z', logdet') where x = f^{-1}(z) is a
+        leaf that requires grad and (z', logdet') = f(x) is recomputed with its graph, running the
+        conditioner ONCE instead of once for the inverse and once for the recompute.
+
+        The identity part of z is the identity part of x bit for bit, so the conditioner runs on
+        it, with grad, from a leaf that still holds z; the transformed part of x is then written into
+        the leaf's other positions (outside autograd: the conditioner never read them).
+        """
+        x = z.detach().clone().requires_grad_(True)
+        x_a, _, change = self._split(x)
+        shift, log_scale = self._params(x_a, cond, z.dtype)
+        with torch.no_grad(), no_autocast(z):
+            z_a, z_b, _ = self._split(z)
+            x_b = self._untransform(z_b, shift, log_scale)
+            x.data.copy_(self._merge(z_a, x_b, z, change))
+        _, x_b, _ = self._split(x)
+        with no_autocast(x):
+            z_b = self._transform(x_b, shift, log_scale)
+            return x, self._merge(x_a, z_b, x, change), self._logdet(x, log_scale, change)

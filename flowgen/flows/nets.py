@@ -8,9 +8,34 @@ They may run in bf16/fp16 under autocast; couplings cast their outputs back to f
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flowgen.flows.actnorm import ActNorm
+
+
+def scaled_conv2d(x: torch.Tensor, conv: nn.Conv2d, log_scale: torch.Tensor, shift: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """(conv(x) + shift) · exp(log_scale) per output channel, computed as ONE convolution.
+
+        (W * x + b + shift) · e^s  =  (W · e^s) * x + (b + shift) · e^s
+
+    Scaling the weight (C_out·C_in·k² numbers) instead of the output (B·C_out·H·W numbers)
+    saves two full passes over the activations in the forward and two in the backward.
+    """
+    scale = log_scale.reshape(-1).exp()
+    weight = conv.weight * scale.view(-1, 1, 1, 1).to(conv.weight.dtype)
+    bias = conv.bias if conv.bias is not None else None
+    if shift is not None:
+        bias = shift.reshape(-1) if bias is None else bias + shift.reshape(-1)
+    if bias is not None:
+        bias = bias * scale
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def to_channels_last(x: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """NHWC memory layout for the convolutions of a conditioner (oneDNN and cuDNN run it faster)."""
+    return x.contiguous(memory_format=torch.channels_last) if enabled else x
 
 
 class ZeroConv2d(nn.Module):
@@ -30,12 +55,18 @@ class ZeroConv2d(nn.Module):
         self.logscale_factor = logscale_factor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv(x)
-        return out * (self.logs * self.logscale_factor).exp().to(out.dtype)
+        return scaled_conv2d(x, self.conv, self.logs * self.logscale_factor)
 
 
 class ActNormConv2d(nn.Module):
-    """Convolution without bias followed by ActNorm (openai/glow's hidden conv layers)."""
+    """Convolution without bias followed by ActNorm (openai/glow's hidden conv layers).
+
+        out = (W * x + b) · exp(s)
+
+    ActNorm's data-dependent initialisation needs the statistics of W * x, so the first training
+    batch runs the two layers one after the other; after that they run as one convolution
+    (``scaled_conv2d``): the same map, fewer passes over the activations.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
         super().__init__()
@@ -44,24 +75,31 @@ class ActNormConv2d(nn.Module):
         self.norm = ActNorm(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv(x))[0]
+        if self.training and not self.norm._is_initialized():
+            return self.norm(self.conv(x))[0]
+        return scaled_conv2d(x, self.conv, self.norm.log_scale, self.norm.bias)
 
 
 class GlowConditioner(nn.Module):
-    """Glow's coupling network: conv3x3 -> ActNorm -> ReLU -> conv1x1 -> ActNorm -> ReLU -> ZeroConv3x3."""
+    """Glow's coupling network: conv3x3 -> ActNorm -> ReLU -> conv1x1 -> ActNorm -> ReLU -> ZeroConv3x3.
 
-    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 512):
+    With ``channels_last`` the wide hidden activations are stored NHWC (the output returns to
+    the default layout): the same numbers, faster convolutions on oneDNN and cuDNN.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 512, channels_last: bool = False):
         super().__init__()
+        self.channels_last = channels_last
         self.net = nn.Sequential(
             ActNormConv2d(in_channels, hidden_channels, 3),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             ActNormConv2d(hidden_channels, hidden_channels, 1),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             ZeroConv2d(hidden_channels, out_channels, 3),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net(to_channels_last(x, self.channels_last)).contiguous()
 
 
 class ResidualBlock(nn.Module):
@@ -91,8 +129,10 @@ class ResNetConditioner(nn.Module):
     own, identically in train and eval mode, and keeps the coupling exactly invertible.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64, num_blocks: int = 8):
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64, num_blocks: int = 8,
+                 channels_last: bool = False):
         super().__init__()
+        self.channels_last = channels_last
         groups = _num_groups(hidden_channels)
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, hidden_channels, 3, padding=1),
@@ -103,7 +143,7 @@ class ResNetConditioner(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net(to_channels_last(x, self.channels_last)).contiguous()
 
 
 def _num_groups(channels: int, max_groups: int = 8) -> int:

@@ -8,6 +8,7 @@ from flowgen.flows.actnorm import ActNorm
 from flowgen.flows.base import FlowSequence
 from flowgen.flows.coupling import Coupling
 from flowgen.flows.invconv import InvConv1x1, InvConv1x1LU
+from flowgen.flows.memory import MEMORY_MODES
 from flowgen.flows.nets import GlowConditioner
 from flowgen.flows.permutation import ReversePermutation, ShufflePermutation
 from flowgen.flows.prior import TopPrior
@@ -38,6 +39,8 @@ class Glow(MultiScaleFlow):
     Affine couplings use Glow's bounded scale σ(h + 2); the coupling network is
     conv3x3 -> ReLU -> conv1x1 -> ReLU -> zero-initialised conv3x3 (ActNorm in hidden layers).
     With ``num_classes`` the top prior is class-conditional (Glow's y-conditioning).
+    ``memory`` ("standard" | "checkpoint" | "invertible") chooses how backprop stores each
+    level's activations (``flowgen.flows.memory``); the model and its values are the same.
     """
 
     def __init__(
@@ -52,10 +55,12 @@ class Glow(MultiScaleFlow):
         num_classes: int | None = None,
         learn_top: bool = True,
         learn_split_prior: bool = True,
+        memory: str = "standard",
     ):
         check_positive(in_channels=in_channels, levels=levels, steps=steps, hidden_channels=hidden_channels)
         check_choice("coupling", coupling, COUPLINGS)
         check_choice("permutation", permutation, PERMUTATIONS)
+        check_choice("memory", memory, MEMORY_MODES)
         check_image_size(image_size, 2**levels, f"Glow with levels={levels} squeezes {levels} times")
         if num_classes is not None:
             check_positive(num_classes=num_classes)
@@ -72,7 +77,7 @@ class Glow(MultiScaleFlow):
                     make_permutation(permutation, channels, seed=1000 * level + step),
                     Coupling(channels, conditioner, transform=coupling, scale="sigmoid", mask="channel"),
                 ]
-            flow_levels.append(FlowSequence(layers))
+            flow_levels.append(FlowSequence(layers, memory=memory))
             if level < levels - 1:
                 split = Split(channels, learn_prior=learn_split_prior)
                 splits.append(split)
@@ -81,4 +86,5 @@ class Glow(MultiScaleFlow):
         super().__init__(flow_levels, splits, top, in_channels, image_size)
         self.config = dict(in_channels=in_channels, image_size=image_size, levels=levels, steps=steps,
                            hidden_channels=hidden_channels, coupling=coupling, permutation=permutation,
-                           num_classes=num_classes, learn_top=learn_top, learn_split_prior=learn_split_prior)
+                           num_classes=num_classes, learn_top=learn_top, learn_split_prior=learn_split_prior,
+                           memory=memory)

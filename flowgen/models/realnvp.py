@@ -7,6 +7,7 @@ from functools import partial
 from flowgen.flows.actnorm import ActNorm
 from flowgen.flows.base import FlowSequence
 from flowgen.flows.coupling import Coupling
+from flowgen.flows.memory import MEMORY_MODES
 from flowgen.flows.nets import ResNetConditioner
 from flowgen.flows.prior import TopPrior
 from flowgen.flows.split import Split
@@ -31,6 +32,9 @@ class RealNVP(MultiScaleFlow):
     with ``actnorm=True`` (default) an ActNorm takes its place: the same per-channel affine
     form the paper's layer has at test time, initialised from the first batch, and exactly
     invertible in training mode too.
+
+    ``memory`` ("standard" | "checkpoint" | "invertible") chooses how backprop stores each
+    scale's activations (``flowgen.flows.memory``); the model and its values are the same.
     """
 
     def __init__(
@@ -44,11 +48,13 @@ class RealNVP(MultiScaleFlow):
         actnorm: bool = True,
         learn_prior: bool = False,
         num_classes: int | None = None,
+        memory: str = "standard",
     ):
         check_positive(in_channels=in_channels, scales=scales, hidden_channels=hidden_channels)
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
         check_choice("coupling", coupling, COUPLINGS)
+        check_choice("memory", memory, MEMORY_MODES)
         factor = 2 ** (scales - 1)
         check_image_size(image_size, factor, f"RealNVP with scales={scales} squeezes {scales - 1} times")
         if image_size // factor < 2:
@@ -76,13 +82,13 @@ class RealNVP(MultiScaleFlow):
             layers.append(Squeeze())
             channels, size = channels * 4, size // 2
             layers += couplings(channels, "channel", 3)
-            flow_levels.append(FlowSequence(layers))
+            flow_levels.append(FlowSequence(layers, memory=memory))
             split = Split(channels, learn_prior=learn_prior)
             splits.append(split)
             channels = split.keep_channels
-        flow_levels.append(FlowSequence(couplings(channels, "checkerboard", 4)))
+        flow_levels.append(FlowSequence(couplings(channels, "checkerboard", 4), memory=memory))
         top = TopPrior(channels, size, size, learn=learn_prior, num_classes=num_classes)
         super().__init__(flow_levels, splits, top, in_channels, image_size)
         self.config = dict(in_channels=in_channels, image_size=image_size, scales=scales,
                            hidden_channels=hidden_channels, num_blocks=num_blocks, coupling=coupling,
-                           actnorm=actnorm, learn_prior=learn_prior, num_classes=num_classes)
+                           actnorm=actnorm, learn_prior=learn_prior, num_classes=num_classes, memory=memory)

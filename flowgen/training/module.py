@@ -94,6 +94,12 @@ class FlowModule(L.LightningModule):
         log_p = (model or self.model).log_prob(y, labels if self.class_conditional else None)
         return -log_likelihood_bound(log_p, self.num_dims, self.num_levels, log_q)
 
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        # the pixel range is checked here, on the host, so that the step on the device never waits
+        # for a value read back from it (flowgen.dequantization.base.Dequantization.check_pixels)
+        self.dequantizer.check_pixels(batch[0], values=True)
+        return batch
+
     def training_step(self, batch, batch_idx):
         nll = self.nll_nats(batch)
         bpd = nats_to_bpd(nll, self.num_dims).mean()

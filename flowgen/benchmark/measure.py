@@ -1,0 +1,186 @@
+"""The measurements of ``scripts/benchmark.py``: step time, device GEMM rate, FLOPs and memory.
+
+Everything is measured on the device the work runs on, in the same process, so that ratios
+between variants timed side by side are meaningful on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so that a wall-clock interval covers the work it claims to."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes, queued kernels included."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int,
+                      device: torch.device) -> dict[str, list[float]]:
+    """Time every function ``repeats`` times, alternating between them (a, b, c, a, b, c, ...),
+    so that a slow spell of the machine hits every variant alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def gemm_flops_per_second(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:
+    """The device's dense matrix-multiply rate in ``dtype``: 2·n³ FLOPs per n×n product, best of ``repeats``.
+
+    The best (not the median) is the machine's capability; the step times it is compared with
+    are medians, so the achieved fraction is if anything understated.
+    """
+    n = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b  # warm-up: library initialisation and kernel selection
+    best = min(timed(lambda: a @ b, device) for _ in range(repeats))
+    return 2.0 * n**3 / best
+
+
+class _FlopCounter(TorchDispatchMode):
+    """Adds up the FLOPs of every operator ``torch.utils.flop_counter`` has a formula for.
+
+    (``FlopCounterMode`` itself also tracks modules with autograd hooks, which breaks on work done
+    inside a backward pass, such as the input reconstruction of ``model.memory=invertible``.)
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += int(formula(*args, **kwargs, out_val=out))
+        return out
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` (matrix multiplies and convolutions, forward and backward,
+    recomputations included), by ``torch.utils.flop_counter``'s formulas; elementwise work is not counted."""
+    with _FlopCounter() as counter:
+        fn()
+    return counter.total
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def release_freed_memory() -> None:
+    """Make glibc hand freed memory back to the OS from now on, and now (Linux; a no-op elsewhere).
+
+    Above the mmap threshold every allocation is a mapping of its own and returns to the OS when
+    freed, so the resident set follows the live tensors.  64 KiB also stops glibc from raising the
+    threshold on its own; that costs page faults, so measure memory after the timings.
+    """
+    path = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux") or path is None:
+        return
+    libc = ctypes.CDLL(path)
+    if hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory a block of work adds on top of what was allocated before it.
+
+    CUDA: ``max_memory_allocated`` minus the allocation at entry (exact, the caching allocator's
+    own count).  CPU: the process's resident set sampled every 0.5 ms by a thread, peak minus the
+    value at entry; for it to follow the live tensors, ``release_freed_memory`` is called first.
+    ``peak_bytes`` is the result; ``kind`` names what was measured.
+    """
+
+    def __init__(self, device: torch.device, interval_s: float = 0.0005):
+        self.device = device
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self.kind = "cuda max allocated" if device.type == "cuda" else "process RSS"
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            return self
+        release_freed_memory()
+        self._start = _current_rss_bytes()
+        self._peak = self._start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _current_rss_bytes())
+            time.sleep(self.interval_s)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, _current_rss_bytes())
+        self.peak_bytes = self._peak - self._start
+
+
+def saved_activation_bytes(fn: Callable[[], object], parameters=()) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass while ``fn`` runs a forward
+    (each storage counted once, the ``parameters`` themselves not counted): the activation memory
+    of backprop, exactly, on any device."""
+    weights = {p.untyped_storage().data_ptr() for p in parameters}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

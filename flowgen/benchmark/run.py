@@ -1,0 +1,133 @@
+"""``scripts/benchmark.py``: time the configured model and its comparisons side by side, write JSON + a table.
+
+Per workload (the configured flowgen model first, then each ``benchmark.compare`` entry):
+
+    train images/s      batch / median step time; the steps of all workloads alternate
+    sample images/s     images / median time of ``sample`` (no autograd, no log-det work)
+    FLOPs / image       matmul + convolution FLOPs of one training step (forward + backward)
+    achieved FLOP/s     FLOPs / image x train images/s, also as a fraction of the device's
+                        dense GEMM rate in the same precision, measured in this run
+    peak step memory    what a training step adds on top of weights and optimizer state
+                        (CUDA max allocated, or the sampled process RSS on the CPU)
+    saved activations   bytes autograd keeps for backward during the forward (exact)
+    vs first            train images/s relative to the first workload
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from flowgen.benchmark.measure import (
+    PeakMemory,
+    count_flops,
+    gemm_flops_per_second,
+    interleaved_times,
+    median,
+    saved_activation_bytes,
+)
+from flowgen.benchmark.workloads import Workload, build_workloads
+from flowgen.cli.restore import resolve_device
+from flowgen.errors import UserError
+from flowgen.evaluation import PRECISIONS
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, " \
+           f"capability {torch.backends.cpu.get_cpu_capability()}"
+
+
+def _gemm_dtype(precision: str) -> torch.dtype:
+    return PRECISIONS[precision] or torch.float32
+
+
+def measure_workloads(workloads: list[Workload], device: torch.device, cfg: DictConfig) -> list[dict]:
+    bench = cfg.benchmark
+    for w in workloads:  # warm-up: ActNorm init, kernel selection, compilation
+        for _ in range(int(bench.warmup_steps)):
+            loss = w.train_step()
+        if not torch.isfinite(loss):
+            raise UserError(f"{w.name}: the warm-up loss is {float(loss)}; the benchmark needs a model that trains")
+    steps = interleaved_times({w.name: w.train_step for w in workloads}, int(bench.timed_steps), device)
+    n = int(bench.sample_images)
+    for w in workloads:
+        w.sample(n)  # warm-up of the inverse path
+    samples = interleaved_times({w.name: (lambda w=w: w.sample(n)) for w in workloads}, int(bench.sample_repeats),
+                                device)
+    gemm = {}
+    records = []
+    for w in workloads:
+        dtype = _gemm_dtype(w.precision)
+        if bench.gemm and dtype not in gemm:
+            gemm[dtype] = gemm_flops_per_second(device, dtype)
+        flops_per_image = count_flops(w.train_step) / w.batch_size
+        saved = saved_activation_bytes(w.forward_loss, w.parameters)
+        step_s = median(steps[w.name])
+        train_ips = w.batch_size / step_s
+        achieved = flops_per_image * train_ips
+        records.append({
+            "name": w.name,
+            "settings": w.settings,
+            "train_images_per_s": train_ips,
+            "step_seconds": steps[w.name],
+            "sample_images_per_s": n / median(samples[w.name]),
+            "sample_seconds": samples[w.name],
+            "flops_per_image": flops_per_image,
+            "achieved_flops_per_s": achieved,
+            "gemm_flops_per_s": gemm.get(dtype),
+            "gemm_dtype": str(dtype).replace("torch.", ""),
+            "fraction_of_gemm": achieved / gemm[dtype] if dtype in gemm else None,
+            "saved_activation_bytes": saved,
+            "parameters": sum(p.numel() for p in w.parameters),
+        })
+    # memory last: on the CPU it changes how glibc allocates from then on (measure.release_freed_memory)
+    for w, r in zip(workloads, records, strict=True):
+        with PeakMemory(device) as peak:
+            w.train_step()
+        r["peak_step_memory_bytes"], r["peak_memory_kind"] = peak.peak_bytes, peak.kind
+    base = records[0]["train_images_per_s"]
+    for r in records:
+        r["train_speed_vs_first"] = r["train_images_per_s"] / base
+    return records
+
+
+def markdown_table(records: list[dict]) -> str:
+    head = ("| workload | precision | batch | train img/s | vs first | sample img/s | GFLOP/img | achieved GFLOP/s "
+            "| of GEMM | peak step MiB | saved act. MiB |")
+    rows = [head, "|" + "---|" * 11]
+    for r in records:
+        fraction = "n/a" if r["fraction_of_gemm"] is None else f"{100 * r['fraction_of_gemm']:.0f}%"
+        rows.append(
+            f"| {r['name']} | {r['settings']['precision']} | {r['settings']['batch_size']} "
+            f"| {r['train_images_per_s']:.1f} | {r['train_speed_vs_first']:.2f}x | {r['sample_images_per_s']:.1f} "
+            f"| {r['flops_per_image'] / 1e9:.2f} | {r['achieved_flops_per_s'] / 1e9:.1f} | {fraction} "
+            f"| {r['peak_step_memory_bytes'] / 2**20:.0f} | {r['saved_activation_bytes'] / 2**20:.0f} |")
+    return "\n".join(rows)
+
+
+def run_benchmark(cfg: DictConfig) -> list[dict]:
+    """Build, measure, print the table and write ``benchmark.output`` (JSON)."""
+    device = resolve_device(cfg.benchmark.device)
+    torch.set_float32_matmul_precision("high")  # as train.py: TF32 matmuls on GPUs that have them
+    workloads = build_workloads(cfg, device)
+    records = measure_workloads(workloads, device, cfg)
+    result = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "timed_steps": int(cfg.benchmark.timed_steps),
+        "warmup_steps": int(cfg.benchmark.warmup_steps),
+        "workloads": records,
+    }
+    table = markdown_table(records)
+    print(f"device: {result['device']}, torch {result['torch']}\n{table}", flush=True)
+    out = Path(cfg.benchmark.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}", flush=True)
+    return records

@@ -1,0 +1,27 @@
+"""Speed and memory of a training step and of sampling, side by side in one run.
+
+    python scripts/benchmark.py model=glow data=cifar10 model.steps=8 benchmark.compare=[normflows]
+    python scripts/benchmark.py model=glow data=cifar10 'benchmark.compare=["trainer.precision=bf16-mixed"]'
+
+Any train.py override applies (trainer.precision, performance.channels_last, performance.compile,
+model.memory, data.batch_size, ...); see configs/benchmark.yaml and flowgen/benchmark/run.py for
+what is measured.  Writes logs/benchmark/runs/<time>/benchmark.json and prints a markdown table.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+import flowgen.cli  # noqa: F401  (registers the config resolvers)
+from flowgen.benchmark.run import run_benchmark
+from flowgen.cli.errors import run_reporting_errors
+from flowgen.cli.overrides import refuse_unknown_choices
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="benchmark")
+def main(cfg: DictConfig) -> None:
+    run_reporting_errors(run_benchmark, cfg)
+
+
+if __name__ == "__main__":
+    refuse_unknown_choices()
+    main()

@@ -1,0 +1,176 @@
+"""Speed settings change no number: NHWC conditioners, folded ActNorm convolutions, torch.compile;
+and the benchmark harness measures what it says (scripts/benchmark.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import perturb_parameters
+from test_configs import compose_train
+
+from flowgen.benchmark.measure import PeakMemory, count_flops, saved_activation_bytes
+from flowgen.benchmark.run import run_benchmark
+from flowgen.benchmark.workloads import variant_config
+from flowgen.errors import UserError
+from flowgen.flows.nets import ActNormConv2d, GlowConditioner, ResNetConditioner, ZeroConv2d
+from flowgen.models import Glow, RealNVP
+from flowgen.performance import apply_performance, compile_model, set_channels_last
+
+
+def tiny_models():
+    torch.manual_seed(0)
+    return {
+        "glow": lambda: Glow(3, 8, levels=2, steps=2, hidden_channels=16),
+        "realnvp": lambda: RealNVP(3, 8, scales=2, hidden_channels=8, num_blocks=1, learn_prior=True),
+    }
+
+
+def twin(factory, x):
+    """Two models with the same (initialised, perturbed) weights."""
+    a = factory()
+    a.train()
+    with torch.no_grad():
+        a.log_prob(x)  # ActNorm init
+    perturb_parameters(a, std=0.05)
+    b = factory()
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def assert_grads_close(got: dict, expected: dict, rel: float) -> None:
+    """All gradients as one vector: ||g - g_ref|| <= rel * ||g_ref||; and every parameter's gradient to
+    1e-3 of the largest entry (sums taken in another order differ per element by rounding only)."""
+    assert got.keys() == expected.keys()
+    flat = torch.cat([g.flatten() for g in expected.values()])
+    diff = torch.cat([(got[n] - g).flatten() for n, g in expected.items()])
+    assert diff.norm() <= rel * flat.norm(), float(diff.norm() / flat.norm())
+    for n, g in expected.items():
+        torch.testing.assert_close(got[n], g, rtol=1e-3, atol=1e-3 * float(flat.abs().max()), msg=n)
+
+
+def grads(model, x):
+    model.zero_grad()
+    loss = -model.log_prob(x).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["glow", "realnvp"])
+def test_channels_last_conditioners_change_no_number(name):
+    x = torch.rand(4, 3, 8, 8) - 0.5
+    contiguous, nhwc = twin(tiny_models()[name], x)
+    assert set_channels_last(nhwc, True) > 0
+    assert set_channels_last(contiguous, False) > 0
+    loss_a, grads_a = grads(contiguous, x)
+    loss_b, grads_b = grads(nhwc, x)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+    assert_grads_close(grads_b, grads_a, rel=1e-5)
+    contiguous.eval(), nhwc.eval()
+    with torch.no_grad():
+        zs = contiguous(x)[0]
+        torch.testing.assert_close(nhwc.inverse(zs)[0], contiguous.inverse(zs)[0], rtol=1e-5, atol=1e-6)
+        # the conditioner hands the flow path its usual layout back
+        net = next(m for m in nhwc.modules() if isinstance(m, (GlowConditioner, ResNetConditioner)))
+        inp = torch.randn(2, net.net[0].conv.in_channels if name == "glow" else net.net[0].in_channels, 4, 4)
+        assert net(inp).is_contiguous()
+
+
+def test_folded_actnorm_convolution_is_the_same_map():
+    torch.manual_seed(0)
+    layer = ActNormConv2d(6, 16, 3)
+    x = torch.randn(8, 6, 5, 5)
+    layer.train()
+    first = layer(x)  # first batch: conv, then ActNorm's data-dependent init
+    assert bool(layer.norm.initialized)
+    with torch.no_grad():
+        layer.norm.bias.add_(0.3)
+        layer.norm.log_scale.sub_(0.2)
+    folded = layer(x)
+    unfolded = layer.norm(layer.conv(x))[0]
+    torch.testing.assert_close(folded, unfolded, rtol=1e-5, atol=1e-5)
+    assert first.shape == folded.shape
+    zero = ZeroConv2d(6, 4)
+    with torch.no_grad():
+        zero.conv.weight.normal_(), zero.conv.bias.normal_(), zero.logs.normal_(std=0.1)
+    expected = zero.conv(x) * (3 * zero.logs).exp()
+    torch.testing.assert_close(zero(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", [pytest.param("step", marks=pytest.mark.slow), "model"])
+def test_compiled_model_gives_the_eager_log_prob(mode):
+    torch._dynamo.reset()
+    x = torch.rand(2, 1, 4, 4) - 0.5
+    eager, compiled = twin(lambda: Glow(1, 4, levels=1, steps=2, hidden_channels=8), x)
+    compile_model(compiled, mode)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints keep their keys
+    loss_a, grads_a = grads(eager, x)
+    loss_b, grads_b = grads(compiled, x)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
+    assert_grads_close(grads_b, grads_a, rel=1e-5)
+
+
+def test_unknown_compile_mode_is_one_clear_error():
+    with pytest.raises(UserError, match="performance.compile=fast is not one of none, step, model"):
+        apply_performance(Glow(1, 4, levels=1, steps=1, hidden_channels=4), compile="fast")
+
+
+# -- the measurements ------------------------------------------------------------------------------
+def test_flop_count_of_a_matmul_and_a_convolution():
+    a, b = torch.randn(8, 16), torch.randn(16, 32)
+    assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 32
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    x = torch.randn(2, 4, 5, 5)
+    assert count_flops(lambda: conv(x)) == 2 * 2 * 5 * 5 * 6 * 4 * 9
+
+
+def test_saved_activation_bytes_counts_what_backward_keeps():
+    w = torch.nn.Parameter(torch.randn(64, 64))
+    x = torch.randn(128, 64)
+    # x @ w keeps x (the weight is not an activation); tanh keeps its output (128 x 64 floats)
+    assert saved_activation_bytes(lambda: torch.tanh(x @ w).sum(), [w]) == 2 * 128 * 64 * 4
+    with torch.no_grad():
+        assert saved_activation_bytes(lambda: torch.tanh(x @ w).sum(), [w]) == 0
+
+
+def test_peak_memory_sees_a_temporary_allocation():
+    with PeakMemory(torch.device("cpu")) as peak:
+        t = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del t
+    assert peak.peak_bytes > 48 * 2**20, peak.peak_bytes
+    assert peak.kind == "process RSS"
+
+
+def test_benchmark_writes_a_record_per_workload(tmp_path, capsys):
+    pytest.importorskip("normflows")
+    cfg = compose_train(tmp_path, [
+        "model.levels=2", "model.steps=1", "model.hidden_channels=8", "data.batch_size=4", "data.image_size=8",
+        "benchmark.warmup_steps=1", "benchmark.timed_steps=2", "benchmark.sample_repeats=1", "benchmark.gemm=false",
+        "benchmark.compare=[normflows, 'model.memory=invertible performance.channels_last=false']",
+        f"benchmark.output={tmp_path}/bench.json"], config_name="benchmark")
+    records = run_benchmark(cfg)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert [w["name"] for w in saved["workloads"]] == ["flowgen", "normflows",
+                                                      "flowgen model.memory=invertible performance.channels_last=false"]
+    for r in records:
+        assert r["train_images_per_s"] > 0 and r["sample_images_per_s"] > 0 and r["flops_per_image"] > 0
+        assert len(r["step_seconds"]) == 2 and math.isfinite(r["achieved_flops_per_s"])
+        assert r["fraction_of_gemm"] is None  # benchmark.gemm=false
+    assert records[0]["train_speed_vs_first"] == 1.0
+    assert records[2]["settings"]["memory"] == "invertible" and records[2]["settings"]["channels_last"] is False
+    # normflows' Glow at the same architecture has about as many parameters (priors differ slightly)
+    assert abs(records[1]["parameters"] / records[0]["parameters"] - 1) < 0.1
+    # the invertible variant keeps far fewer activations for backward
+    assert records[2]["saved_activation_bytes"] < records[0]["saved_activation_bytes"]
+    assert "| flowgen | 32-true | 4 |" in capsys.readouterr().out
+
+
+def test_benchmark_comparison_entries_are_checked(tmp_path):
+    cfg = compose_train(tmp_path, config_name="benchmark")
+    with pytest.raises(UserError, match="model.bogus is not a key"):
+        variant_config(cfg, "model.bogus=1")
+    with pytest.raises(UserError, match="expected key=value overrides"):
+        variant_config(cfg, "bf16")
+    assert variant_config(cfg, "trainer.precision=bf16-mixed").trainer.precision == "bf16-mixed"
