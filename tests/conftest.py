@@ -12,6 +12,15 @@ from torch import nn
 from flowgen.flows.actnorm import ActNorm
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of tiny-tensor tests (use with pytest.mark.usefixtures)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def perturb_parameters(module: nn.Module, std: float = 0.1, seed: int = 0) -> None:
     """Add noise to every parameter so zero-initialised layers stop being the identity."""

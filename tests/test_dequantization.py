@@ -25,13 +25,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "dequantization"
 SMALL = dict(hidden_channels=8, num_couplings=4, feature_channels=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: one intra-op thread is fastest, and immune to a busy 2-core CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny tensors: one intra-op thread is fastest, and immune to a busy 2-core CI box
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def surrogate_log_p(y: torch.Tensor) -> torch.Tensor:

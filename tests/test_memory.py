@@ -29,13 +29,8 @@ RTOL = 1e-5
 MODES = ("checkpoint", "invertible")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: one intra-op thread is fastest, and immune to a busy 2-core CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny tensors: one intra-op thread is fastest, and immune to a busy 2-core CI box
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def glow(coupling="affine", permutation="lu", steps=3, hidden=16):
