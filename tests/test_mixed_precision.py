@@ -17,6 +17,7 @@ from train_runner import FAST, run_dir, run_entry
 from flowgen.data import ImageDataModule
 from flowgen.dequantization import UniformDequantization, VariationalDequantization
 from flowgen.evaluation import autocast_context, evaluate_split, likelihood_bounds
+from flowgen.flows.nets import ActNormConv2d, ZeroConv2d
 from flowgen.likelihood import bits_per_dim
 from flowgen.models import Glow, RealNVP
 
@@ -45,10 +46,11 @@ def trained_like(model_name: str) -> torch.nn.Module:
 
 @contextmanager
 def conditioner_dtypes(model: torch.nn.Module):
-    """Collects the output dtypes of every convolution inside the block (the conditioners' precision)."""
+    """Collects the output dtypes of every convolution inside the block (the conditioners' precision);
+    ActNormConv2d and ZeroConv2d run their convolution as one functional call (folded scales)."""
     seen, hooks = set(), []
     for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d):
+        if isinstance(module, (torch.nn.Conv2d, ActNormConv2d, ZeroConv2d)):
             hooks.append(module.register_forward_hook(lambda m, i, o: seen.add(o.dtype)))
     try:
         yield seen

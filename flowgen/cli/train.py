@@ -169,6 +169,8 @@ def train(cfg: DictConfig) -> float | None:
             print(f"removed {leftover.name}, a checkpoint write that was cut short", flush=True)
     # the data module, not the data loader, carries the position in the epoch (flowgen/data/sampler.py)
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+    # FlowModule checks pixels on the host before the transfer (its hook is meant to win over the data module's)
+    warnings.filterwarnings("ignore", message=".*overridden `on_before_batch_transfer`.*")
 
     if cfg.get("train", True):
         # weights_only: a checkpoint is data (tensors, numbers, strings), never code to unpickle and run
