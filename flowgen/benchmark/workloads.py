@@ -18,6 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from flowgen.cli.restore import num_levels_of
 from flowgen.errors import UserError
 from flowgen.evaluation import PRECISIONS, autocast_context
 from flowgen.likelihood import dequantize, nats_to_bpd
@@ -39,11 +40,6 @@ class Workload:
     forward_loss: Callable[[], torch.Tensor]  # the forward alone (for saved-activation bytes)
     sample: Callable[[int], torch.Tensor]
     notes: list[str] = field(default_factory=list)
-
-
-def num_levels_of(cfg: DictConfig) -> int:
-    data = cfg.data
-    return int(data.num_levels) if data.get("num_levels") else 2 ** int(data.n_bits)
 
 
 def random_pixels(cfg: DictConfig, batch_size: int, device: torch.device, seed: int) -> torch.Tensor:
@@ -69,6 +65,27 @@ def _optimizer_step(loss: torch.Tensor, parameters, optimizer, clip: float | Non
     elif not skip:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def _train_step(forward_loss, parameters, optimizer, clip, scaler, guard: bool) -> Callable[[], torch.Tensor]:
+    def train_step() -> torch.Tensor:
+        loss = forward_loss()
+        _optimizer_step(loss, parameters, optimizer, clip, scaler, guard)
+        return loss.detach()
+    return train_step
+
+
+def _sampler(module: torch.nn.Module, draw: Callable[[int], torch.Tensor], device, precision: str):
+    """``draw(n)`` in eval mode, without autograd, under the workload's autocast; training mode after."""
+    @torch.no_grad()
+    def sample(n: int) -> torch.Tensor:
+        module.eval()
+        try:
+            with autocast_context(device, precision):
+                return draw(n)
+        finally:
+            module.train()
+    return sample
 
 
 def _grad_scaler(precision: str, device: torch.device):
@@ -97,19 +114,8 @@ def flowgen_workload(cfg: DictConfig, device: torch.device, name: str = "flowgen
             nll = module.nll_nats((pixels, None))
         return nats_to_bpd(nll, module.num_dims).mean()
 
-    def train_step() -> torch.Tensor:
-        loss = forward_loss()
-        _optimizer_step(loss, parameters, optimizer, clip, scaler, guard)
-        return loss.detach()
-
-    @torch.no_grad()
-    def sample(n: int) -> torch.Tensor:
-        module.eval()
-        try:
-            with autocast_context(device, precision):
-                return module.sample_pixels(n, float(cfg.benchmark.temperature))
-        finally:
-            module.train()
+    train_step = _train_step(forward_loss, parameters, optimizer, clip, scaler, guard)
+    sample = _sampler(module, lambda n: module.sample_pixels(n, float(cfg.benchmark.temperature)), device, precision)
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     settings = {
@@ -190,19 +196,9 @@ def normflows_workload(cfg: DictConfig, device: torch.device, name: str = "normf
             nll = -model.log_prob(y, None) + num_dims * math.log(num_levels)
         return nats_to_bpd(nll, num_dims).mean()
 
-    def train_step() -> torch.Tensor:
-        loss = forward_loss()
-        _optimizer_step(loss, parameters, optimizer, clip, scaler, guard=False)
-        return loss.detach()
-
-    @torch.no_grad()
-    def sample(n: int) -> torch.Tensor:
-        model.eval()
-        try:
-            with autocast_context(device, precision):
-                return model.sample(n, temperature=float(cfg.benchmark.temperature))[0]
-        finally:
-            model.train()
+    train_step = _train_step(forward_loss, parameters, optimizer, clip, scaler, guard=False)
+    sample = _sampler(model, lambda n: model.sample(n, temperature=float(cfg.benchmark.temperature))[0], device,
+                      precision)
 
     settings = {
         "implementation": f"normflows {normflows.__version__}",

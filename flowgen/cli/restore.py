@@ -86,7 +86,7 @@ def restore_run(ckpt_path: str | Path, use_ema: bool = True, device: str | torch
     checkpoint = load_checkpoint(ckpt)
     cfg = run_config(checkpoint, ckpt)
     hparams = checkpoint.get("hyper_parameters") or {}
-    num_levels = hparams.get("num_levels") or _num_levels(cfg)
+    num_levels = hparams.get("num_levels") or num_levels_of(cfg)
     try:
         module = build_module(cfg, num_levels, compile=False)
     except Exception as exc:  # noqa: BLE001 - any failure here means config and code disagree
@@ -97,7 +97,8 @@ def restore_run(ckpt_path: str | Path, use_ema: bool = True, device: str | torch
     return RestoredRun(module=module, cfg=cfg, ckpt=ckpt, run_dir=run_dir_of(ckpt), use_ema=use_ema)
 
 
-def _num_levels(cfg: DictConfig) -> int:
+def num_levels_of(cfg: DictConfig) -> int:
+    """K of a run configuration: data.num_levels when set, else 2**data.n_bits."""
     data = cfg.data
     return int(data.num_levels) if data.get("num_levels") else 2 ** int(data.n_bits)
 

@@ -25,7 +25,7 @@ def scaled_conv2d(x: torch.Tensor, conv: nn.Conv2d, log_scale: torch.Tensor, shi
     """
     scale = log_scale.reshape(-1).exp()
     weight = conv.weight * scale.view(-1, 1, 1, 1).to(conv.weight.dtype)
-    bias = conv.bias if conv.bias is not None else None
+    bias = conv.bias
     if shift is not None:
         bias = shift.reshape(-1) if bias is None else bias + shift.reshape(-1)
     if bias is not None:

@@ -95,9 +95,11 @@ class FlowModule(L.LightningModule):
         return -log_likelihood_bound(log_p, self.num_dims, self.num_levels, log_q)
 
     def on_before_batch_transfer(self, batch, dataloader_idx):
-        # the pixel range is checked here, on the host, so that the step on the device never waits
-        # for a value read back from it (flowgen.dequantization.base.Dequantization.check_pixels)
-        self.dequantizer.check_pixels(batch[0], values=True)
+        # a batch bound for an accelerator has its pixel range checked here, on the host, so that the
+        # step never waits for a value read back from the device; on the CPU the dequantizer checks it
+        # (flowgen.dequantization.base.Dequantization.check_pixels)
+        if self.device.type != "cpu":
+            self.dequantizer.check_pixels(batch[0], values=True)
         return batch
 
     def training_step(self, batch, batch_idx):
