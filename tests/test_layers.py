@@ -30,9 +30,9 @@ resnet_net = partial(ResNetConditioner, hidden_channels=8, num_blocks=1)
 
 def coupling_cases():
     cases = {}
-    for transform in ("additive", "affine"):
+    for transform in ("additive", "affine", "spline"):
         for scale in ("sigmoid", "tanh"):
-            if transform == "additive" and scale == "tanh":
+            if transform != "affine" and scale == "tanh":
                 continue  # the scale parametrisation only matters for affine couplings
             for mask in ("channel", "checkerboard"):
                 for parity in (0, 1):
@@ -56,6 +56,8 @@ LAYERS = {
     "squeeze": (Squeeze, False),
     "odd_channels_coupling": (partial(Coupling, 5, glow_net, transform="affine", mask="channel"), False),
     "sequence": (lambda: FlowSequence([ActNorm(C), InvConv1x1LU(C), Coupling(C, glow_net)]), False),
+    # a tight bound puts about half of the N(0, 1) inputs in the identity tails, 3 bins at the minimum
+    "spline_tails": (partial(Coupling, C, glow_net, transform="spline", spline_bins=3, spline_bound=0.7), False),
     **coupling_cases(),
 }
 
@@ -217,6 +219,27 @@ def test_coupling_starts_as_identity_up_to_glow_scale():
     assert torch.allclose(z[:, C // 2 :], x[:, C // 2 :] * torch.sigmoid(torch.tensor(2.0)))
 
 
+@pytest.mark.parametrize("mask", ["channel", "checkerboard"])
+def test_spline_coupling_starts_as_identity(mask):
+    """Zero-initialised conditioner -> equal bins and unit slopes: exactly the identity, log-det 0."""
+    x = torch.randn(2, C, H, W) * 3
+    z, logdet = Coupling(C, glow_net, transform="spline", mask=mask)(x)
+    assert torch.allclose(z, x, atol=1e-6) and torch.allclose(logdet, torch.zeros(2), atol=1e-5)
+
+
+def test_spline_coupling_tails_are_the_identity():
+    """Outside [-B, B] the spline is the identity whatever its parameters."""
+    torch.manual_seed(0)
+    layer = Coupling(C, glow_net, transform="spline", spline_bound=1.0)
+    perturb_parameters(layer, std=0.5)
+    x = torch.randn(2, C, H, W)
+    x[:, C // 2 :] = torch.where(x[:, C // 2 :] >= 0, x[:, C // 2 :] + 1.5, x[:, C // 2 :] - 1.5)  # all outside ±1
+    z, logdet = layer(x)
+    assert torch.equal(z, x) and torch.allclose(logdet, torch.zeros(2))
+    x[:, C // 2 :] *= 0.1  # inside: a non-trivial map
+    assert not torch.allclose(layer(x)[0], x)
+
+
 def test_squeeze_matches_openai_channel_order():
     x = torch.arange(16.0).view(1, 1, 4, 4)
     z, _ = Squeeze()(x)
@@ -229,7 +252,9 @@ def test_squeeze_matches_openai_channel_order():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(transform="spline"), "unknown coupling transform"),
+        (dict(transform="spline2"), "unknown coupling transform"),
+        (dict(transform="spline", spline_bins=1), "spline_bins >= 2"),
+        (dict(transform="spline", spline_bound=0.0), "spline_bound > 0"),
         (dict(scale="exp"), "unknown coupling scale"),
         (dict(mask="stripes"), "unknown coupling mask"),
     ],

@@ -12,8 +12,12 @@ from flowgen.flows import ActNorm, Coupling, FlowSequence, GlowConditioner, InvC
 from flowgen.models import Glow, MultiScaleFlow, RealNVP
 from tests.conftest import initialize_actnorms, jacobian_logdets, perturb_parameters
 
-GLOW_OPTIONS = list(itertools.product(("affine", "additive"), ("lu", "conv", "shuffle", "reverse"), (None, 3)))
-REALNVP_OPTIONS = list(itertools.product(("affine", "additive"), (True, False), (False, True), (None, 3)))
+# every permutation/prior option with the paper couplings; the spline (whose own layer-level cases live in
+# test_layers.py) inside each model with and without class conditioning
+GLOW_OPTIONS = [*itertools.product(("affine", "additive"), ("lu", "conv", "shuffle", "reverse"), (None, 3)),
+                ("spline", "lu", None), ("spline", "shuffle", 3)]
+REALNVP_OPTIONS = [*itertools.product(("affine", "additive"), (True, False), (False, True), (None, 3)),
+                   ("spline", True, False, None), ("spline", False, True, 3)]
 
 
 def tiny_glow(coupling="affine", permutation="lu", num_classes=None, in_channels=2):

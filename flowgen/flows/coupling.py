@@ -6,11 +6,16 @@ conditioner network h = NN(x_a [, cond]) parametrises an elementwise bijection o
     additive (NICE)       z_b = x_b + t                     log|det| = 0
     affine, Glow          z_b = (x_b + t) · σ(h_s + 2)       log|det| = Σ log σ(h_s + 2)
     affine, RealNVP       z_b = x_b · exp(α·tanh(h_s)) + t  log|det| = Σ α·tanh(h_s)
+    spline (NSF)          z_b = RQS_h(x_b)                  log|det| = Σ log RQS_h'(x_b)
+
+where RQS_h is a monotone rational-quadratic spline on [-B, B] with K bins, identity outside
+(``flowgen.flows.splines``); h gives each transformed element its 3K - 1 spline parameters.
 
 z_a = x_a, so the Jacobian is triangular and its log-determinant is the sum above over the
 transformed elements only.  The inverse needs h = NN(z_a) = NN(x_a) and is exact.
 Both scale parametrisations are bounded, which keeps training stable: σ(·+2) ∈ (0, 1)
-starts near 0.88, and α·tanh(·) ∈ (-|α|, |α|) starts at 0.
+starts near 0.88, and α·tanh(·) ∈ (-|α|, |α|) starts at 0. The spline's slopes are bounded
+below, its tails are the identity, and zero parameters make it the identity map.
 
 Masks:  'channel'       x_a = one half of the channels, x_b = the other half;
         'checkerboard'  x_a = pixels with (i + j) % 2 == parity, x_b = the others (RealNVP).
@@ -23,11 +28,13 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from flowgen.flows.base import Flow, no_autocast, sum_except_batch, zero_logdet
+from flowgen.flows.splines import num_spline_params, rational_quadratic_spline
 
-TRANSFORMS = ("additive", "affine")
+TRANSFORMS = ("additive", "affine", "spline")
 SCALES = ("sigmoid", "tanh")
 MASKS = ("channel", "checkerboard")
 
@@ -42,7 +49,11 @@ def checkerboard(height: int, width: int, parity: int, like: torch.Tensor) -> to
 
 
 class Coupling(Flow):
-    """Additive or affine coupling with a channel or checkerboard mask (see module docstring)."""
+    """Additive, affine or spline coupling with a channel or checkerboard mask (see module docstring).
+
+    ``scale`` picks the affine scale parametrisation; ``spline_bins`` (K) and ``spline_bound`` (B)
+    configure the spline transform.
+    """
 
     def __init__(
         self,
@@ -53,6 +64,8 @@ class Coupling(Flow):
         mask: str = "channel",
         parity: int = 0,
         cond_channels: int = 0,
+        spline_bins: int = 8,
+        spline_bound: float = 3.0,
     ):
         super().__init__()
         if transform not in TRANSFORMS:
@@ -61,6 +74,9 @@ class Coupling(Flow):
             raise ValueError(f"unknown coupling scale {scale!r}; choose one of {SCALES}")
         if mask not in MASKS:
             raise ValueError(f"unknown coupling mask {mask!r}; choose one of {MASKS}")
+        if transform == "spline" and (not isinstance(spline_bins, int) or spline_bins < 2 or not spline_bound > 0):
+            raise ValueError(f"a spline coupling needs spline_bins >= 2 and spline_bound > 0, got {spline_bins} and "
+                             f"{spline_bound}")
         if mask == "channel" and channels < 2:
             raise ValueError(f"a channel coupling needs at least 2 channels, got {channels}")
         self.channels, self.transform, self.scale, self.mask, self.parity = channels, transform, scale, mask, parity
@@ -69,7 +85,8 @@ class Coupling(Flow):
             in_ch, out_ch = self.id_channels, channels - self.id_channels
         else:
             in_ch, out_ch = channels, channels
-        factor = 2 if transform == "affine" else 1
+        self.spline_bins, self.spline_bound = spline_bins, float(spline_bound)
+        factor = {"additive": 1, "affine": 2, "spline": num_spline_params(spline_bins)}[transform]
         self.net = conditioner(in_ch + cond_channels, factor * out_ch)
         if transform == "affine" and scale == "tanh":
             self.alpha = nn.Parameter(torch.ones(1, out_ch, 1, 1))
@@ -90,52 +107,58 @@ class Coupling(Flow):
         return torch.where(change > 0, z_b, x)  # identity part untouched (exactly), the rest replaced
 
     # -- the elementwise bijection ---------------------------------------------------------
-    def _params(self, x_a, cond, dtype):
+    def _params(self, x_a, cond, dtype) -> tuple[torch.Tensor, ...]:
+        """The conditioner's parameters of the map: (shift,), (shift, log_scale) or spline (widths, heights, slopes)."""
         inp = x_a if cond is None else torch.cat([x_a, cond.to(x_a.dtype)], 1)
         h = self.net(inp).to(dtype)  # the conditioner may run in bf16; the map runs in float32
         if self.transform == "additive":
-            return h, None
+            return (h,)
+        if self.transform == "spline":
+            # channel-major layout: output channel c holds element c's 3K - 1 parameters
+            h = rearrange(h, "b (c p) h w -> b c h w p", p=num_spline_params(self.spline_bins))
+            k = self.spline_bins
+            return h[..., :k], h[..., k : 2 * k], h[..., 2 * k :]
         shift, raw = h.chunk(2, dim=1)
         if self.scale == "sigmoid":
-            log_scale = F.logsigmoid(raw + 2.0)
-        else:
-            log_scale = self.alpha.to(dtype) * torch.tanh(raw)
-        return shift, log_scale
+            return shift, F.logsigmoid(raw + 2.0)
+        return shift, self.alpha.to(dtype) * torch.tanh(raw)
 
-    def _logdet(self, x, log_scale, change):
-        if log_scale is None:
+    def _map(self, x_b, params, inverse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The elementwise bijection (or its inverse) and its elementwise log-derivative (None when 0)."""
+        if self.transform == "additive":
+            (shift,) = params
+            return (x_b - shift if inverse else x_b + shift), None
+        if self.transform == "spline":
+            return rational_quadratic_spline(x_b, *params, bound=self.spline_bound, inverse=inverse)
+        shift, log_scale = params
+        if inverse:
+            if self.scale == "sigmoid":  # z = (x + t) · e^s
+                return x_b * (-log_scale).exp() - shift, -log_scale
+            return (x_b - shift) * (-log_scale).exp(), -log_scale  # z = x · e^s + t
+        if self.scale == "sigmoid":
+            return (x_b + shift) * log_scale.exp(), log_scale
+        return x_b * log_scale.exp() + shift, log_scale
+
+    def _logdet(self, x, log_derivative, change):
+        if log_derivative is None:
             return zero_logdet(x)
-        if change is not None:
-            log_scale = log_scale * change
-        return sum_except_batch(log_scale)
+        if change is not None:  # checkerboard: only the transformed elements count
+            log_derivative = log_derivative * change
+        return sum_except_batch(log_derivative)
 
     def forward(self, x, cond=None):
         x_a, x_b, change = self._split(x)
-        shift, log_scale = self._params(x_a, cond, x.dtype)
+        params = self._params(x_a, cond, x.dtype)
         with no_autocast(x):
-            return self._merge(x_a, self._transform(x_b, shift, log_scale), x, change), \
-                self._logdet(x, log_scale, change)
-
-    def _transform(self, x_b, shift, log_scale):
-        if log_scale is None:
-            return x_b + shift
-        if self.scale == "sigmoid":
-            return (x_b + shift) * log_scale.exp()
-        return x_b * log_scale.exp() + shift
-
-    def _untransform(self, z_b, shift, log_scale):
-        if log_scale is None:
-            return z_b - shift
-        if self.scale == "sigmoid":
-            return z_b * (-log_scale).exp() - shift
-        return (z_b - shift) * (-log_scale).exp()
+            z_b, log_derivative = self._map(x_b, params, inverse=False)
+            return self._merge(x_a, z_b, x, change), self._logdet(x, log_derivative, change)
 
     def inverse(self, z, cond=None):
         z_a, z_b, change = self._split(z)
-        shift, log_scale = self._params(z_a, cond, z.dtype)
+        params = self._params(z_a, cond, z.dtype)
         with no_autocast(z):
-            return self._merge(z_a, self._untransform(z_b, shift, log_scale), z, change), \
-                -self._logdet(z, log_scale, change)
+            x_b, log_derivative = self._map(z_b, params, inverse=True)
+            return self._merge(z_a, x_b, z, change), self._logdet(z, log_derivative, change)
 
     def reconstruct(self, z, cond=None):
         """For invertible backprop (flowgen.flows.memory): (x, z', logdet') where x = f^{-1}(z) is a
@@ -148,12 +171,12 @@ class Coupling(Flow):
         """
         x = z.detach().clone().requires_grad_(True)
         x_a, _, change = self._split(x)
-        shift, log_scale = self._params(x_a, cond, z.dtype)
+        params = self._params(x_a, cond, z.dtype)
         with torch.no_grad(), no_autocast(z):
             z_a, z_b, _ = self._split(z)
-            x_b = self._untransform(z_b, shift, log_scale)
+            x_b, _ = self._map(z_b, params, inverse=True)
             x.data.copy_(self._merge(z_a, x_b, z, change))
         _, x_b, _ = self._split(x)
         with no_autocast(x):
-            z_b = self._transform(x_b, shift, log_scale)
-            return x, self._merge(x_a, z_b, x, change), self._logdet(x, log_scale, change)
+            z_b, log_derivative = self._map(x_b, params, inverse=False)
+            return x, self._merge(x_a, z_b, x, change), self._logdet(x, log_derivative, change)

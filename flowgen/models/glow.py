@@ -17,7 +17,7 @@ from flowgen.flows.squeeze import Squeeze
 from flowgen.models.multiscale import MultiScaleFlow
 from flowgen.models.validation import check_choice, check_image_size, check_positive
 
-COUPLINGS = ("affine", "additive")
+COUPLINGS = ("affine", "additive", "spline")
 PERMUTATIONS = ("lu", "conv", "shuffle", "reverse")
 
 
@@ -36,7 +36,8 @@ class Glow(MultiScaleFlow):
 
     Defaults are the paper's CIFAR-10 settings (Table 4 / appendix: L=3, K=32, width 512,
     affine coupling, LU 1x1 convolutions, learned top prior, learned split priors).
-    Affine couplings use Glow's bounded scale σ(h + 2); the coupling network is
+    Affine couplings use Glow's bounded scale σ(h + 2); ``coupling="spline"`` uses rational-quadratic
+    splines with ``spline_bins`` bins on [-spline_bound, spline_bound]; the coupling network is
     conv3x3 -> ReLU -> conv1x1 -> ReLU -> zero-initialised conv3x3 (ActNorm in hidden layers).
     With ``num_classes`` the top prior is class-conditional (Glow's y-conditioning).
     ``memory`` ("standard" | "checkpoint" | "invertible") chooses how backprop stores each
@@ -56,6 +57,8 @@ class Glow(MultiScaleFlow):
         learn_top: bool = True,
         learn_split_prior: bool = True,
         memory: str = "standard",
+        spline_bins: int = 8,
+        spline_bound: float = 3.0,
     ):
         check_positive(in_channels=in_channels, levels=levels, steps=steps, hidden_channels=hidden_channels)
         check_choice("coupling", coupling, COUPLINGS)
@@ -75,7 +78,8 @@ class Glow(MultiScaleFlow):
                 layers += [
                     ActNorm(channels),
                     make_permutation(permutation, channels, seed=1000 * level + step),
-                    Coupling(channels, conditioner, transform=coupling, scale="sigmoid", mask="channel"),
+                    Coupling(channels, conditioner, transform=coupling, scale="sigmoid", mask="channel",
+                             spline_bins=spline_bins, spline_bound=spline_bound),
                 ]
             flow_levels.append(FlowSequence(layers, memory=memory))
             if level < levels - 1:
@@ -87,4 +91,4 @@ class Glow(MultiScaleFlow):
         self.config = dict(in_channels=in_channels, image_size=image_size, levels=levels, steps=steps,
                            hidden_channels=hidden_channels, coupling=coupling, permutation=permutation,
                            num_classes=num_classes, learn_top=learn_top, learn_split_prior=learn_split_prior,
-                           memory=memory)
+                           memory=memory, spline_bins=spline_bins, spline_bound=spline_bound)

@@ -15,7 +15,7 @@ from flowgen.flows.squeeze import Squeeze
 from flowgen.models.multiscale import MultiScaleFlow
 from flowgen.models.validation import check_choice, check_image_size, check_positive
 
-COUPLINGS = ("affine", "additive")
+COUPLINGS = ("affine", "additive", "spline")
 
 
 class RealNVP(MultiScaleFlow):
@@ -24,7 +24,8 @@ class RealNVP(MultiScaleFlow):
     Every scale but the last: 3 checkerboard couplings (alternating masks), squeeze,
     3 channel-wise couplings (alternating halves), factor out half of the channels.
     The last scale: 4 checkerboard couplings.  Affine couplings use the bounded scale
-    α·tanh(h) with a learned per-channel α; conditioners are ResNets (``num_blocks``
+    α·tanh(h) with a learned per-channel α (``coupling="spline"``: rational-quadratic splines with
+    ``spline_bins`` bins on [-spline_bound, spline_bound]); conditioners are ResNets (``num_blocks``
     residual blocks of width ``hidden_channels``).  The priors are standard normals, as in
     the paper (``learn_prior=True`` learns them as in Glow).
 
@@ -49,6 +50,8 @@ class RealNVP(MultiScaleFlow):
         learn_prior: bool = False,
         num_classes: int | None = None,
         memory: str = "standard",
+        spline_bins: int = 8,
+        spline_bound: float = 3.0,
     ):
         check_positive(in_channels=in_channels, scales=scales, hidden_channels=hidden_channels)
         if num_blocks < 0:
@@ -70,7 +73,8 @@ class RealNVP(MultiScaleFlow):
             layers = []
             for i in range(count):
                 parity = i % 2  # alternate which half is transformed
-                layers.append(Coupling(channels, conditioner, coupling, scale="tanh", mask=mask, parity=parity))
+                layers.append(Coupling(channels, conditioner, coupling, scale="tanh", mask=mask, parity=parity,
+                                      spline_bins=spline_bins, spline_bound=spline_bound))
                 if actnorm:
                     layers.append(ActNorm(channels))
             return layers
@@ -91,4 +95,5 @@ class RealNVP(MultiScaleFlow):
         super().__init__(flow_levels, splits, top, in_channels, image_size)
         self.config = dict(in_channels=in_channels, image_size=image_size, scales=scales,
                            hidden_channels=hidden_channels, num_blocks=num_blocks, coupling=coupling,
-                           actnorm=actnorm, learn_prior=learn_prior, num_classes=num_classes, memory=memory)
+                           actnorm=actnorm, learn_prior=learn_prior, num_classes=num_classes, memory=memory,
+                           spline_bins=spline_bins, spline_bound=spline_bound)
