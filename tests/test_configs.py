@@ -81,7 +81,7 @@ def test_default_is_a_small_glow_on_digits(tmp_path):
     cfg = compose_train(tmp_path)
     assert cfg.data.name == "digits" and cfg.model._target_ == "flowgen.models.Glow"
     assert cfg.logger.wandb._target_.endswith("WandbLogger")
-    assert set(cfg.callbacks) == {"model_checkpoint", "samples", "nan_guard", "invertibility_monitor",
+    assert set(cfg.callbacks) == {"model_checkpoint", "samples", "nan_guard", "invertibility_monitor", "diagnostics",
                                   "rank_sync_check", "preemption", "lr_monitor",
                                   "rich_progress_bar"}
     assert cfg.callbacks.samples.temperatures == [0.5, 0.7, 0.8, 0.9, 1.0]

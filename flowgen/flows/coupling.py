@@ -146,6 +146,19 @@ class Coupling(Flow):
             log_derivative = log_derivative * change
         return sum_except_batch(log_derivative)
 
+    def log_scales(self, x, cond=None) -> torch.Tensor | None:
+        """log |∂z_i/∂x_i| of every element of x the coupling transforms, flat (the affine log-scale s;
+        a spline's log-slope at x_i), for diagnostics; None for additive couplings (all 0)."""
+        x_a, x_b, change = self._split(x)
+        params = self._params(x_a, cond, x.dtype)
+        with no_autocast(x):
+            _, log_derivative = self._map(x_b, params, inverse=False)
+        if log_derivative is None:
+            return None
+        if change is None:  # channel mask: every element of x_b is transformed
+            return log_derivative.flatten()
+        return log_derivative.masked_select(change.expand_as(log_derivative) > 0)  # checkerboard: half of them
+
     def forward(self, x, cond=None):
         x_a, x_b, change = self._split(x)
         params = self._params(x_a, cond, x.dtype)
