@@ -159,9 +159,16 @@ def test_log_prob_is_finite_and_differentiable():
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def test_class_conditional_model_needs_labels():
+def test_class_conditional_model_needs_labels_for_densities_only():
+    """log p(x | y) needs y; the bijection x -> z does not read it (reconstruction, interpolation and
+    attribute editing encode unlabelled images)."""
+    model, x, y = prepared(lambda: tiny_glow(num_classes=3))
     with pytest.raises(ValueError, match="class-conditional"):
-        tiny_glow(num_classes=3).log_prob(torch.rand(2, 2, 4, 4))
+        model.log_prob(x)
+    zs, logdet = model(x)
+    zs_y, logdet_y = model(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(zs, zs_y, strict=True)) and torch.equal(logdet, logdet_y)
+    assert torch.allclose(model.inverse(zs)[0], x, atol=1e-10)
 
 
 def test_actnorm_not_reinitialised_after_model_load():

@@ -42,8 +42,8 @@ class MultiScaleFlow(nn.Module):
         return (self.in_channels, self.image_size, self.image_size)
 
     # -- data -> latents -------------------------------------------------------------------
-    def encode(self, x: torch.Tensor, y=None) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """x -> (latents z_0..z_{L-1}, Σ log|det J| (B,), Σ prior log-densities (B,))."""
+    def _bijection(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """x -> (latents z_0..z_{L-1}, Σ log|det J| (B,), Σ of the split priors' log-densities (B,))."""
         zs, logdet, log_prior = [], zero_logdet(x), zero_logdet(x)
         h = x
         for i, level in enumerate(self.levels):
@@ -54,12 +54,18 @@ class MultiScaleFlow(nn.Module):
                 zs.append(z)
                 log_prior = log_prior + lp
         zs.append(h)
-        log_prior = log_prior + self.top_prior.log_prob(h, y)
         return zs, logdet, log_prior
 
+    def encode(self, x: torch.Tensor, y=None) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """x -> (latents z_0..z_{L-1}, Σ log|det J| (B,), Σ prior log-densities (B,)); labels y for a
+        class-conditional top prior."""
+        zs, logdet, log_prior = self._bijection(x)
+        return zs, logdet, log_prior + self.top_prior.log_prob(zs[-1], y)
+
     def forward(self, x: torch.Tensor, y=None) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """x -> (latents, log|det dz/dx|): the flow's bijection, one latent per level."""
-        zs, logdet, _ = self.encode(x, y)
+        """x -> (latents, log|det dz/dx|): the flow's bijection, one latent per level.  It never reads
+        the labels y (only the top prior's density does), so a class-conditional model encodes any image."""
+        zs, logdet, _ = self._bijection(x)
         return zs, logdet
 
     def log_prob(self, x: torch.Tensor, y=None) -> torch.Tensor:
