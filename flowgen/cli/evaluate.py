@@ -1,4 +1,9 @@
-"""``python evaluate.py ckpt_path=... split=test``: exact bpd of a trained flow over a whole split."""
+"""``python evaluate.py ckpt_path=... split=test``: exact bpd of a trained flow over a whole split.
+
+Besides the JSON summary it writes one CSV row per image (bpd, and typicality: the distance of the
+image's bpd from the typical bpd of the model's own training data, see flowgen.ood), the input of
+``scripts/ood_histogram.py``.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,26 @@ import json
 import math
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from flowgen.cli.errors import UserError
+from flowgen.cli.errors import UserError, one_line
 from flowgen.cli.restore import RestoredRun, instantiate_data, resolve_device, restore_run
+from flowgen.cli.typical_set import TypicalSet, typical_set
 from flowgen.evaluation import SplitScore, autocast_context, evaluate_split
+from flowgen.ood import batch_test, typicality, write_scores
 
 SPLITS = ("train", "val", "test")
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """Score the checkpoint on ``split`` of the run's data (or of ``data=...``); print a table, write JSON."""
+    """Score the checkpoint on ``split`` of the run's data (or of ``data=...``); print a table, write JSON and CSV."""
     if cfg.split not in SPLITS:
         raise UserError(f"split={cfg.split!r}; choose one of {', '.join(SPLITS)}")
+    typicality_cfg = _typicality_options(cfg)
     device = resolve_device(cfg.device)
     run = restore_run(cfg.ckpt_path, use_ema=cfg.use_ema, device=device)
     num_samples = cfg.num_samples if cfg.num_samples is not None else _run_eval(run, "num_samples", 1)
@@ -35,22 +44,34 @@ def evaluate(cfg: DictConfig) -> dict:
     except ValueError as exc:
         raise UserError(str(exc)) from exc
 
-    data_cfg = _data_config(cfg, run)
+    data_cfg = _data_config(cfg.get("data") or run.cfg.data, cfg.get("batch_size"))
+    output = Path(cfg.output) if cfg.get("output") else run.ckpt.with_name(
+        f"{run.ckpt.stem}.eval-{data_cfg.name}-{cfg.split}.json")
+    csv_output = _csv_path(cfg.get("csv"), output)
     datamodule = instantiate_data(data_cfg)
     _check_compatible(datamodule, run, data_cfg)
     loader = datamodule.eval_dataloader(cfg.split)
-    total = len(loader.dataset)
     class_conditional = run.module.class_conditional
     if class_conditional and datamodule.num_classes is None:
         raise UserError(f"the model is class-conditional but data={data_cfg.name} has no labels; score a labelled "
                         "dataset (the likelihood marginalised over classes is not implemented)")
 
     console = Console(stderr=True)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(f"{data_cfg.name}/{cfg.split}", total=total)
-        score = evaluate_split(run.model, run.module.dequantizer, loader, class_conditional, num_samples, seed,
-                               device, on_batch=lambda n: progress.advance(task, n), precision=precision)
+
+    def score_loader(description: str, batches) -> SplitScore:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task(description, total=len(batches.dataset))
+            return evaluate_split(run.model, run.module.dequantizer, batches, class_conditional, num_samples, seed,
+                                  device, on_batch=lambda n: progress.advance(task, n), precision=precision)
+
+    typical = None
+    if typicality_cfg is not None:  # first: a run whose own data is missing fails before the long part
+        typical = typical_set(
+            run, typicality_cfg.split, typicality_cfg.max_images, num_samples=num_samples, seed=seed,
+            precision=precision, score=score_loader,
+            make_datamodule=lambda: _own_data(run, cfg.get("batch_size")))
+    score = score_loader(f"{data_cfg.name}/{cfg.split}", loader)
 
     result = {
         "checkpoint": str(run.ckpt),
@@ -64,12 +85,19 @@ def evaluate(cfg: DictConfig) -> dict:
         "precision": precision,
         **score.summary(),
     }
-    output = Path(cfg.output) if cfg.get("output") else run.ckpt.with_name(
-        f"{run.ckpt.stem}.eval-{data_cfg.name}-{cfg.split}.json")
+    if typical is not None:
+        result["typicality"] = _typicality_summary(score, typical, typicality_cfg, seed)
+    if csv_output is not None:
+        write_scores(csv_output, _per_image_columns(score, typical, _shows_iw(result), datamodule.num_classes))
+        result["csv"] = str(csv_output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     _print_table(result, score, Console())
+    if typical is not None:
+        print(f"typical set {'read from' if typical.cached else 'computed, cached in'} {typical.path}", flush=True)
     print(f"wrote {output}", flush=True)
+    if csv_output is not None:
+        print(f"wrote {csv_output}", flush=True)
     return result
 
 
@@ -77,13 +105,88 @@ def _run_eval(run: RestoredRun, key: str, default):
     return OmegaConf.select(run.cfg, f"evaluation.{key}", default=default)
 
 
-def _data_config(cfg: DictConfig, run: RestoredRun) -> DictConfig:
-    """The run's own data config, or the one chosen with ``data=...`` (scoring other data)."""
-    data_cfg = cfg.get("data") or run.cfg.data
+def _data_config(data_cfg: DictConfig, batch_size: int | None) -> DictConfig:
+    """A resolved copy of ``data_cfg`` (the run's own, or the one chosen with ``data=...``) at ``batch_size``."""
     data_cfg = OmegaConf.create(OmegaConf.to_container(data_cfg, resolve=True))
-    if cfg.get("batch_size") is not None:
-        data_cfg.eval_batch_size = cfg.batch_size
+    if batch_size is not None:
+        data_cfg.eval_batch_size = batch_size
     return data_cfg
+
+
+def _own_data(run: RestoredRun, batch_size: int | None):
+    """The data module the run was trained on, for the typical set; a missing dataset says what needs it."""
+    try:
+        return instantiate_data(_data_config(run.cfg.data, batch_size))
+    except FileNotFoundError as exc:
+        raise UserError(f"typicality needs the run's own data ({run.cfg.data.name}): {one_line(exc)}; or pass "
+                        "typicality.split=null") from exc
+
+
+def _typicality_options(cfg: DictConfig) -> DictConfig | None:
+    """``typicality``, checked before anything is loaded; None when ``typicality.split`` is null (no typicality)."""
+    options = cfg.get("typicality")
+    if options is None or options.get("split") is None:
+        return None
+    if options.split not in SPLITS:
+        raise UserError(f"typicality.split={options.split!r}; choose one of {', '.join(SPLITS)}, or null for no "
+                        "typicality")
+    max_images = options.get("max_images")
+    if max_images is not None and (not isinstance(max_images, int) or isinstance(max_images, bool) or max_images < 1):
+        raise UserError(f"typicality.max_images={max_images!r} must be an integer >= 1, or null for the whole split")
+    fpr = options.get("fpr")
+    if not isinstance(fpr, int | float) or isinstance(fpr, bool) or not 0 < fpr < 1:
+        raise UserError(f"typicality.fpr={fpr!r} must be a false-positive rate strictly between 0 and 1, e.g. 0.01")
+    sizes = options.get("batch_sizes") or []
+    if any(not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in sizes):
+        raise UserError(f"typicality.batch_sizes={list(sizes)} must be a list of integers >= 1, e.g. [1,10]")
+    return options
+
+
+def _csv_path(option, output: Path) -> Path | None:
+    """``csv``: true = beside the JSON (same name, .csv), a path, or false/null for none."""
+    if option is None or option is False:
+        return None
+    if option is True:
+        return output.with_suffix(".csv")
+    if not isinstance(option, str) or not option:
+        raise UserError(f"csv={option!r}; use csv=true (beside the JSON), csv=<path.csv> or csv=false")
+    path = Path(option).expanduser()
+    if path.resolve() == output.resolve():
+        raise UserError(f"csv={option} is the JSON output's path too; give the CSV another name")
+    return path
+
+
+def _shows_iw(result: dict) -> bool:
+    """The importance-weighted bound differs from the ELBO only with several draws or variational noise."""
+    return result["num_samples"] > 1 or result["dequantization"] != "uniform"
+
+
+def _typicality_summary(score: SplitScore, typical: TypicalSet, options: DictConfig, seed: int) -> dict:
+    sizes = options.get("batch_sizes") or []
+    tests = [batch_test(score.per_image_bpd, typical.bpd, m, options.fpr, seed) for m in sizes]
+    return {
+        "split": typical.split,
+        "num_images": len(typical.bpd),
+        "typical_bpd": typical.typical_bpd,
+        "mean_typicality": typicality(score.per_image_bpd, typical.typical_bpd).mean().item(),
+        "fpr": options.fpr,
+        "batch_tests": [t.summary() for t in tests],
+        "cache": str(typical.path),
+    }
+
+
+def _per_image_columns(score: SplitScore, typical: TypicalSet | None, shows_iw: bool,
+                       num_classes: int | None) -> dict:
+    """CSV columns in dataset order (the evaluation loader reads the split in order, once)."""
+    columns = {"index": torch.arange(score.num_images)}
+    if num_classes is not None:
+        columns["label"] = score.labels
+    columns["bpd"] = score.per_image_bpd
+    if shows_iw:
+        columns["bpd_iw"] = score.per_image_bpd_iw
+    if typical is not None:
+        columns["typicality"] = typicality(score.per_image_bpd, typical.typical_bpd)
+    return columns
 
 
 def _check_compatible(datamodule, run: RestoredRun, data_cfg: DictConfig) -> None:
@@ -107,11 +210,19 @@ def _print_table(result: dict, score: SplitScore, console: Console) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("bpd (ELBO)", f"{score.bpd:.4f}")
-    if score.num_samples > 1 or result["dequantization"] != "uniform":
+    if _shows_iw(result):
         table.add_row(f"bpd (importance-weighted, K={score.num_samples})", f"{score.bpd_iw:.4f}")
     table.add_row("nll (nats / image)", f"{score.nll_nats:.2f}")
     table.add_row("max |decode(encode(y)) - y|", f"{score.recon_error:.3g}")
     table.add_row("images / s", f"{score.images_per_sec:.1f}")
+    if "typicality" in result:
+        t = result["typicality"]
+        table.add_row(f"typical bpd H ({t['split']}, {t['num_images']} images)", f"{t['typical_bpd']:.4f}")
+        table.add_row("mean typicality |bpd - H|", f"{t['mean_typicality']:.4f}")
+        for test in t["batch_tests"]:
+            flagged = "n/a" if test["flagged"] is None else f"{test['flagged']:.1%} of {test['num_batches']}"
+            table.add_row(f"atypical batches of M={test['batch_size']} (ε={test['threshold']:.4f}, "
+                          f"fpr={t['fpr']:g})", flagged)
     console.print(table)
     if not math.isfinite(score.bpd):
         console.print("[red]the bound is not finite: the checkpoint holds NaN/Inf weights or the data is off[/red]")
