@@ -1,0 +1,16 @@
+"""The 2-D playground: coupling flows on toy 2-D densities, trained in seconds and drawn layer by layer."""
+
+from flowgen.playground.densities import DENSITIES, sample_density
+from flowgen.playground.flows2d import COUPLINGS, AffineCoupling, SplineCoupling, VectorActNorm, build_flow
+from flowgen.playground.model import FlowDensity2d
+
+__all__ = [
+    "COUPLINGS",
+    "DENSITIES",
+    "AffineCoupling",
+    "FlowDensity2d",
+    "SplineCoupling",
+    "VectorActNorm",
+    "build_flow",
+    "sample_density",
+]

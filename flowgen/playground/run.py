@@ -1,0 +1,99 @@
+"""``python scripts/playground_2d.py``: fit a 2-D flow to a toy density, check it, draw it.
+
+1. build the flow (``flows2d.build_flow``) on a N(0, I) base (``model.FlowDensity2d``);
+2. train it by maximum likelihood on fresh samples (``training.train``);
+3. report the NLL of fresh test points and ∫∫ p(x) dx over a grid (``grid.integrate``; 1 for a
+   correctly normalised flow whose mass lies inside the grid);
+4. write ``<density>_<coupling>_layers.png`` and ``<density>_<coupling>_density.png``
+   (``figures``) to ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from flowgen.errors import UserError
+from flowgen.playground.densities import DENSITIES, sample_density
+from flowgen.playground.figures import density_figure, evolution_figure
+from flowgen.playground.flows2d import COUPLINGS, build_flow
+from flowgen.playground.grid import integrate
+from flowgen.playground.model import FlowDensity2d
+from flowgen.playground.training import mean_nll, train
+
+POSITIVE_INTS = ("flow.num_layers", "flow.hidden", "flow.spline_bins", "train.steps", "train.batch_size",
+                 "evaluate.test_points", "evaluate.integral_grid", "figure.grid_size", "figure.points")
+POSITIVE_NUMBERS = ("flow.scale_bound", "flow.spline_bound", "train.lr", "evaluate.integral_extent",
+                    "figure.extent")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise UserError, in one line, for the first option that cannot work."""
+    if cfg.density not in DENSITIES:
+        raise UserError(f"density={cfg.density} is not a toy density; choose one of {', '.join(DENSITIES)}")
+    if cfg.flow.coupling not in COUPLINGS:
+        raise UserError(f"flow.coupling={cfg.flow.coupling} is not a coupling; choose one of {', '.join(COUPLINGS)}")
+    for key in POSITIVE_INTS:
+        value = _get(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{key}={value!r} must be an integer >= 1")
+    for key in POSITIVE_NUMBERS:
+        value = _get(cfg, key)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+            raise UserError(f"{key}={value!r} must be a number > 0")
+    if cfg.flow.spline_bins < 2:
+        raise UserError(f"flow.spline_bins={cfg.flow.spline_bins} must be >= 2")
+    log_every = cfg.train.log_every
+    if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 0:
+        raise UserError(f"train.log_every={log_every!r} must be an integer >= 0 (0 = never)")
+    if not isinstance(cfg.train.seed, int) or isinstance(cfg.train.seed, bool):
+        raise UserError(f"train.seed={cfg.train.seed!r} must be an integer")
+    if not cfg.get("output_dir"):
+        raise UserError("output_dir is empty; give a directory for the figures, e.g. output_dir=playground")
+
+
+def _get(cfg: DictConfig, dotted: str):
+    section, key = dotted.split(".")
+    return cfg[section][key]
+
+
+def playground_2d(cfg: DictConfig) -> dict:
+    """Train, evaluate and draw; prints the figures' paths, the NLL and the grid integral, and returns them."""
+    check_config(cfg)
+    # the matrices are tiny (batch x hidden): one thread is as fast as several and leaves the cores to others
+    torch.set_num_threads(1)
+    seed = cfg.train.seed
+    torch.manual_seed(seed)
+    data_rng = np.random.default_rng(seed)
+    model = FlowDensity2d(build_flow(cfg.flow.num_layers, cfg.flow.coupling, cfg.flow.hidden, cfg.flow.actnorm,
+                                     cfg.flow.scale_bound, cfg.flow.spline_bins, cfg.flow.spline_bound))
+    name = f"{cfg.density}, {cfg.flow.num_layers} {cfg.flow.coupling} couplings"
+    print(f"fitting {name} ({sum(p.numel() for p in model.parameters())} parameters), {cfg.train.steps} steps",
+          flush=True)
+    start = time.perf_counter()
+    train(model, lambda n: sample_density(cfg.density, n, data_rng), cfg.train.steps, cfg.train.batch_size,
+          cfg.train.lr, log_every=cfg.train.log_every, log=lambda line: print(line, flush=True))
+    seconds = time.perf_counter() - start
+
+    test = sample_density(cfg.density, cfg.evaluate.test_points, np.random.default_rng(seed + 1))
+    nll = mean_nll(model, test)
+    integral = integrate(model.log_prob, cfg.evaluate.integral_extent, cfg.evaluate.integral_grid)
+
+    output = Path(cfg.output_dir)
+    shown = sample_density(cfg.density, max(cfg.figure.points, 20000), np.random.default_rng(seed + 2))
+    title = f"{name}: test NLL {nll:.3f} nats"
+    figure_args = dict(extent=cfg.figure.extent, grid_size=cfg.figure.grid_size, points=cfg.figure.points, seed=seed)
+    layers = evolution_figure(model, shown, output / f"{cfg.density}_{cfg.flow.coupling}_layers.png", title=title,
+                              **figure_args)
+    density = density_figure(model, shown, output / f"{cfg.density}_{cfg.flow.coupling}_density.png", title=title,
+                             **figure_args)
+    R, N = cfg.evaluate.integral_extent, cfg.evaluate.integral_grid
+    print(f"trained in {seconds:.1f} s", flush=True)
+    print(f"test NLL: {nll:.4f} nats per point ({cfg.evaluate.test_points} fresh points)", flush=True)
+    print(f"integral of p over [-{R}, {R}]^2 ({N}x{N} midpoint grid): {integral:.5f}", flush=True)
+    print(f"wrote {layers}\nwrote {density}", flush=True)
+    return {"nll": nll, "integral": integral, "seconds": seconds, "figures": [layers, density]}
