@@ -66,6 +66,8 @@ def test_multirun_with_the_basic_launcher_runs_every_job(tmp_path):
     assert lrs == [1e-3, 2e-3]
 
 
+# slow: the suite's 10-minute budget; run with `make test-full`
+@pytest.mark.slow
 def test_optuna_sweep_minimises_val_bpd(tmp_path):
     run = run_entry("train.py", [*QUICK, "hparams_search=glow_optuna", "hydra.sweeper.n_trials=2"], tmp_path)
     assert run.returncode == 0, run.output[-3000:]
@@ -95,6 +97,8 @@ def test_preempted_run_saves_last_ckpt_and_the_requeued_run_resumes(tmp_path):
     assert ckpt_step(last) == 8
 
 
+# slow (28 s): test_preempted_run_saves_last_ckpt_and_the_requeued_run_resumes covers the same path without submitit
+@pytest.mark.slow
 def test_submitit_local_job_is_preempted_requeued_and_resumes(tmp_path):
     """hydra/launcher=submitit_local: the signal reaches the job, flowgen saves last.ckpt, submitit
     checkpoints and requeues the job, and the requeued job resumes from that last.ckpt to the end."""

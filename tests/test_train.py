@@ -48,7 +48,7 @@ def test_train_on_digits(tmp_path, model, dequantization):
 
 @pytest.mark.parametrize("model, dequantization", [
     ("glow_small", "variational"),
-    ("realnvp_small", "uniform"),
+    pytest.param("realnvp_small", "uniform", marks=pytest.mark.slow),  # realnvp_small also trains on digits below
 ])
 def test_train_on_fake_cifar10(tmp_path, model, dequantization):
     write_cifar10(tmp_path / "data", per_batch=8, n_test=8)
@@ -95,8 +95,10 @@ def test_default_command_uses_wandb_offline_with_a_notice(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["model=glow", "model.levels=4"], "image_size=8 is not divisible by 16"),
-    (["ckpt_path=/nonexistent/run.ckpt"], "no such checkpoint file or run directory"),
-    (["data=cifar10", "data.download=false"], "cifar"),
+    # two more through the whole process (~9 s each; their messages are also tested in process)
+    pytest.param(["ckpt_path=/nonexistent/run.ckpt"], "no such checkpoint file or run directory",
+                 marks=pytest.mark.slow),
+    pytest.param(["data=cifar10", "data.download=false"], "cifar", marks=pytest.mark.slow),
     (["optimizer.lr=0.001", "scheduler.schedule=linear"], "unknown learning-rate schedule 'linear'"),
 ])
 def test_user_mistakes_end_in_one_clear_line(tmp_path, args, message):
