@@ -1,7 +1,7 @@
 """``python evaluate.py ckpt_path=... split=test``: exact bpd of a trained flow over a whole split.
 
 Besides the JSON summary it writes one CSV row per image (bpd, and typicality: the distance of the
-image's bpd from the typical bpd of the model's own training data, see flowgen.ood), the input of
+image's bpd from the typical bpd of the model's own held-out data, see flowgen.ood), the input of
 ``scripts/ood_histogram.py``.
 """
 
