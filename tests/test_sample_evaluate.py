@@ -66,14 +66,19 @@ def test_sample_grid_has_one_row_per_temperature(trained_digits, tmp_path):
     assert "ema weights" in run.stdout
 
 
+def sample_in_process(overrides: list[str]) -> list[str]:
+    """sample.py's path in process (a process costs ~8 s of imports): the paths it wrote."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("sample", overrides=overrides)
+    return [str(path) for path in sample(cfg)]
+
+
 def test_samples_are_reproducible_with_the_seed(trained_digits, tmp_path):
-    """sample.py's path in process (three processes cost 25 s): the same seed, the same PNG bytes."""
     def draw(seed, out):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-            cfg = compose("sample", overrides=[f"ckpt_path={trained_digits.run_dir}", f"seed={seed}",
-                                               "temperatures=[0.8]", f"output_dir={tmp_path / out}", "use_ema=false"])
-        return Image.open(sample(cfg)[0]).tobytes()
+        paths = sample_in_process([f"ckpt_path={trained_digits.run_dir}", f"seed={seed}", "temperatures=[0.8]",
+                                   f"output_dir={tmp_path / out}", "use_ema=false"])
+        return Image.open(paths[0]).tobytes()
 
     first = draw(3, "a")
     assert first == draw(3, "b")
@@ -94,13 +99,11 @@ def test_interpolation_and_reconstruction_strips(trained_digits, tmp_path):
 
 
 def test_class_conditional_rows_per_class(trained_conditional, tmp_path):
-    run = run_entry("sample.py", [f"ckpt_path={trained_conditional.run_dir}", "label=all", "n=3",
-                                  "temperatures=[0.7]", f"output_dir={tmp_path}"], tmp_path)
-    assert run.returncode == 0, run.output[-3000:]
-    assert len(written(run)) == 10 and all(f"_class{c}.png" in p for c, p in enumerate(written(run)))
-    run = run_entry("sample.py", [f"ckpt_path={trained_conditional.run_dir}", "label=7", f"output_dir={tmp_path}"],
-                    tmp_path)
-    assert run.returncode == 0 and written(run)[0].endswith("_class7.png"), run.output[-3000:]
+    paths = sample_in_process([f"ckpt_path={trained_conditional.run_dir}", "label=all", "n=3", "temperatures=[0.7]",
+                               f"output_dir={tmp_path}"])
+    assert len(paths) == 10 and all(f"_class{c}.png" in p for c, p in enumerate(paths))
+    paths = sample_in_process([f"ckpt_path={trained_conditional.run_dir}", "label=7", f"output_dir={tmp_path}"])
+    assert paths[0].endswith("_class7.png")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -75,7 +75,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     result = {
         "checkpoint": str(run.ckpt),
-        "weights": "ema" if run.uses_ema else "raw",
+        "weights": run.weights,
         "data": data_cfg.name,
         "split": cfg.split,
         "dequantization": _dequantization_name(run),

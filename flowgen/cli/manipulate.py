@@ -57,8 +57,7 @@ def edit_attribute(cfg: DictConfig) -> list[Path]:
     levels, image_tag = _image(cfg.image, datamodule, cfg.split)
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else run.run_dir / "generated"
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = "ema" if run.uses_ema else "raw"
-    print(f"checkpoint: {run.ckpt} ({weights} weights, {device})", flush=True)
+    print(f"checkpoint: {run.ckpt} ({run.weights} weights, {device})", flush=True)
 
     num_images = len(dataset) if cfg.num_images is None else min(cfg.num_images, len(dataset))
     direction, counts = _cached_direction(cfg, run, dataset, groups, num_images, out_dir, device)
@@ -164,11 +163,8 @@ def _cached_direction(cfg: DictConfig, run: RestoredRun, dataset: Dataset, group
                       out_dir: Path, device) -> tuple[list[torch.Tensor], tuple[int, int]]:
     """d from ``<out_dir>/directions/`` when it was computed for exactly this checkpoint file, weights, groups,
     split and number of images; else computed over the first ``num_images`` images and saved there."""
-    weights = "ema" if run.uses_ema else "raw"
-    stat = run.ckpt.stat()
-    key = {"checkpoint": str(run.ckpt.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-           "weights": weights, "groups": groups.tag, "split": cfg.split, "num_images": num_images}
-    path = out_dir / "directions" / f"{groups.tag}_{cfg.split}_n{num_images}_{weights}_{run.ckpt.stem}.pt"
+    key = {**run.cache_key(), "groups": groups.tag, "split": cfg.split, "num_images": num_images}
+    path = out_dir / "directions" / f"{groups.tag}_{cfg.split}_n{num_images}_{run.weights}_{run.ckpt.stem}.pt"
     if path.is_file():
         try:
             cached = torch.load(path, map_location="cpu", weights_only=True)

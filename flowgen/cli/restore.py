@@ -40,6 +40,18 @@ class RestoredRun:
     def uses_ema(self) -> bool:
         return self.use_ema and self.module.ema is not None
 
+    @property
+    def weights(self) -> str:
+        """Which weights ``model`` is: "ema" or "raw" (for messages, file names and cache keys)."""
+        return "ema" if self.uses_ema else "raw"
+
+    def cache_key(self) -> dict:
+        """What a result computed from these weights depends on: the checkpoint file as it is on disk
+        (its path, size and modification time) and which of its weights; a cache under another key is stale."""
+        stat = self.ckpt.stat()
+        return {"checkpoint": str(self.ckpt.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                "weights": self.weights}
+
 
 def find_checkpoint(ckpt_path: str | Path) -> Path:
     """A .ckpt file as given, or a run directory's last checkpoint (else its newest one)."""

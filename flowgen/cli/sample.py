@@ -25,8 +25,7 @@ def sample(cfg: DictConfig) -> list[Path]:
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else run.run_dir / "generated"
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    weights = "ema" if run.uses_ema else "raw"
-    print(f"checkpoint: {run.ckpt} ({weights} weights, {device})", flush=True)
+    print(f"checkpoint: {run.ckpt} ({run.weights} weights, {device})", flush=True)
     if cfg.mode == "sample":
         paths = _sample_grids(cfg, run, out_dir, device)
     elif cfg.mode == "interpolate":

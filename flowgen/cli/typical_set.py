@@ -43,16 +43,13 @@ class TypicalSet:
 
 
 def cache_path(run: RestoredRun, split: str) -> Path:
-    weights = "ema" if run.uses_ema else "raw"
-    return run.ckpt.with_name(f"{run.ckpt.stem}.typical-{weights}-{split}.json")
+    return run.ckpt.with_name(f"{run.ckpt.stem}.typical-{run.weights}-{split}.json")
 
 
 def cache_key(run: RestoredRun, split: str, max_images: int | None, num_samples: int, seed: int,
               precision: str) -> dict:
-    stat = run.ckpt.stat()
-    return {"checkpoint": run.ckpt.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "weights": "ema" if run.uses_ema else "raw", "split": split, "max_images": max_images,
-            "num_samples": num_samples, "seed": seed, "precision": precision}
+    return {**run.cache_key(), "split": split, "max_images": max_images, "num_samples": num_samples, "seed": seed,
+            "precision": precision}
 
 
 def reference_loader(datamodule, split: str, max_images: int | None, seed: int) -> DataLoader:
