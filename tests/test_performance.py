@@ -9,15 +9,17 @@ import math
 import pytest
 import torch
 from conftest import perturb_parameters
+from test_bad_inputs import run_train
 from test_configs import compose_train
 
-from flowgen.benchmark.measure import PeakMemory, count_flops, saved_activation_bytes
+from flowgen.benchmark.measure import PeakMemory, count_flops, release_freed_memory, saved_activation_bytes
 from flowgen.benchmark.run import run_benchmark
 from flowgen.benchmark.workloads import variant_config
+from flowgen.cli import train as train_cli
 from flowgen.errors import UserError
 from flowgen.flows.nets import ActNormConv2d, GlowConditioner, ResNetConditioner, ZeroConv2d
 from flowgen.models import Glow, RealNVP
-from flowgen.performance import apply_performance, compile_model, set_channels_last
+from flowgen.performance import apply_performance, compile_model, glibc, keep_freed_cpu_memory, set_channels_last
 
 
 def tiny_models():
@@ -143,23 +145,51 @@ def test_peak_memory_sees_a_temporary_allocation():
     assert peak.kind == "process RSS"
 
 
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(glibc() is None, reason="a glibc (Linux) setting")
+def test_keep_freed_cpu_memory_keeps_a_freed_large_tensor():
+    mib = 2**20
+
+    def resident_growth_of_a_freed_tensor() -> int:
+        before = _resident_bytes()
+        t = torch.ones(96 * mib // 4)  # 96 MiB, above any mmap threshold glibc would pick itself
+        del t
+        return _resident_bytes() - before
+
+    try:
+        assert keep_freed_cpu_memory(False)
+        assert resident_growth_of_a_freed_tensor() < 16 * mib  # its own pages, unmapped when freed
+        assert keep_freed_cpu_memory(True)
+        assert resident_growth_of_a_freed_tensor() > 80 * mib  # from the heap, kept there when freed
+        release_freed_memory()  # what the benchmark's memory measurement sets: returned again
+        assert resident_growth_of_a_freed_tensor() < 16 * mib
+    finally:
+        release_freed_memory()
+
+
 def test_benchmark_writes_a_record_per_workload(tmp_path, capsys):
     pytest.importorskip("normflows")
     cfg = compose_train(tmp_path, [
         "model.levels=2", "model.steps=1", "model.hidden_channels=8", "data.batch_size=4", "data.image_size=8",
         "benchmark.warmup_steps=1", "benchmark.timed_steps=2", "benchmark.sample_repeats=1", "benchmark.gemm=false",
-        "benchmark.compare=[normflows, 'model.memory=invertible performance.channels_last=false']",
+        "benchmark.compare=[normflows, 'model.memory=invertible performance.channels_last=false "
+        "performance.keep_freed_cpu_memory=true']",
         f"benchmark.output={tmp_path}/bench.json"], config_name="benchmark")
     records = run_benchmark(cfg)
     saved = json.loads((tmp_path / "bench.json").read_text())
-    assert [w["name"] for w in saved["workloads"]] == ["flowgen", "normflows",
-                                                      "flowgen model.memory=invertible performance.channels_last=false"]
+    variant = "flowgen model.memory=invertible performance.channels_last=false performance.keep_freed_cpu_memory=true"
+    assert [w["name"] for w in saved["workloads"]] == ["flowgen", "normflows", variant]
     for r in records:
         assert r["train_images_per_s"] > 0 and r["sample_images_per_s"] > 0 and r["flops_per_image"] > 0
         assert len(r["step_seconds"]) == 2 and math.isfinite(r["achieved_flops_per_s"])
         assert r["fraction_of_gemm"] is None  # benchmark.gemm=false
     assert records[0]["train_speed_vs_first"] == 1.0
     assert records[2]["settings"]["memory"] == "invertible" and records[2]["settings"]["channels_last"] is False
+    assert [r["settings"]["keep_freed_cpu_memory"] for r in records] == [False, False, True]
     # normflows' Glow at the same architecture has about as many parameters (priors differ slightly)
     assert abs(records[1]["parameters"] / records[0]["parameters"] - 1) < 0.1
     # the invertible variant keeps far fewer activations for backward
@@ -174,3 +204,12 @@ def test_benchmark_comparison_entries_are_checked(tmp_path):
     with pytest.raises(UserError, match="expected key=value overrides"):
         variant_config(cfg, "bf16")
     assert variant_config(cfg, "trainer.precision=bf16-mixed").trainer.precision == "bf16-mixed"
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_train_applies_keep_freed_cpu_memory_only_when_asked(tmp_path, capsys, monkeypatch, keep):
+    calls = []
+    monkeypatch.setattr(train_cli, "keep_freed_cpu_memory", calls.append)
+    # a mistake caught right after the setting is applied, so no training runs
+    run_train(tmp_path, capsys, [f"performance.keep_freed_cpu_memory={keep}", "model.num_classes=3"])
+    assert calls == ([True] if keep else [])

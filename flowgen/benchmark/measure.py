@@ -6,12 +6,9 @@ between variants timed side by side are meaningful on a noisy machine.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import resource
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +16,8 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
+
+from flowgen.performance import M_MMAP_MAX, M_MMAP_THRESHOLD, glibc
 
 
 def synchronize(device: torch.device) -> None:
@@ -93,24 +92,20 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.total
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-
 def release_freed_memory() -> None:
     """Make glibc hand freed memory back to the OS from now on, and now (Linux; a no-op elsewhere).
 
     Above the mmap threshold every allocation is a mapping of its own and returns to the OS when
     freed, so the resident set follows the live tensors.  64 KiB also stops glibc from raising the
-    threshold on its own; that costs page faults, so measure memory after the timings.
+    threshold on its own, and mmap is switched back on if ``performance.keep_freed_cpu_memory``
+    turned it off; that costs page faults, so measure memory after the timings.
     """
-    path = ctypes.util.find_library("c")
-    if not sys.platform.startswith("linux") or path is None:
+    libc = glibc()
+    if libc is None:
         return
-    libc = ctypes.CDLL(path)
-    if hasattr(libc, "mallopt"):
-        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-    if hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    libc.mallopt(M_MMAP_MAX, 65536)
+    libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    libc.malloc_trim(0)
 
 
 def _current_rss_bytes() -> int:

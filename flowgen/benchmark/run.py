@@ -34,6 +34,7 @@ from flowgen.benchmark.workloads import Workload, build_workloads
 from flowgen.cli.restore import resolve_device
 from flowgen.errors import UserError
 from flowgen.evaluation import PRECISIONS
+from flowgen.performance import keep_freed_cpu_memory
 
 
 def device_name(device: torch.device) -> str:
@@ -47,19 +48,30 @@ def _gemm_dtype(precision: str) -> torch.dtype:
     return PRECISIONS[precision] or torch.float32
 
 
+def _in_its_process_setting(w: Workload, device: torch.device, fn):
+    """``fn`` run after applying ``w``'s process-wide CPU heap setting (the workloads alternate)."""
+    def run(*args):
+        if device.type == "cpu":
+            keep_freed_cpu_memory(w.keep_freed_cpu_memory)
+        return fn(*args)
+    return run
+
+
 def measure_workloads(workloads: list[Workload], device: torch.device, cfg: DictConfig) -> list[dict]:
     bench = cfg.benchmark
+    train_steps = {w.name: _in_its_process_setting(w, device, w.train_step) for w in workloads}
+    samplers = {w.name: _in_its_process_setting(w, device, w.sample) for w in workloads}
     for w in workloads:  # warm-up: ActNorm init, kernel selection, compilation
         for _ in range(int(bench.warmup_steps)):
-            loss = w.train_step()
+            loss = train_steps[w.name]()
         if not torch.isfinite(loss):
             raise UserError(f"{w.name}: the warm-up loss is {float(loss)}; the benchmark needs a model that trains")
-    steps = interleaved_times({w.name: w.train_step for w in workloads}, int(bench.timed_steps), device)
+    steps = interleaved_times(train_steps, int(bench.timed_steps), device)
     n = int(bench.sample_images)
     for w in workloads:
-        w.sample(n)  # warm-up of the inverse path
-    samples = interleaved_times({w.name: (lambda w=w: w.sample(n)) for w in workloads}, int(bench.sample_repeats),
-                                device)
+        samplers[w.name](n)  # warm-up of the inverse path
+    samples = interleaved_times({name: (lambda s=s: s(n)) for name, s in samplers.items()},
+                                int(bench.sample_repeats), device)
     gemm = {}
     records = []
     for w in workloads:

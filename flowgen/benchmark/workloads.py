@@ -39,6 +39,7 @@ class Workload:
     train_step: Callable[[], torch.Tensor]  # forward + backward + clipping + optimizer step; returns the loss
     forward_loss: Callable[[], torch.Tensor]  # the forward alone (for saved-activation bytes)
     sample: Callable[[int], torch.Tensor]
+    keep_freed_cpu_memory: bool = False  # glibc's heap setting, process-wide: applied before each of its steps
     notes: list[str] = field(default_factory=list)
 
 
@@ -125,6 +126,7 @@ def flowgen_workload(cfg: DictConfig, device: torch.device, name: str = "flowgen
         "precision": precision,
         "channels_last": bool(OmegaConf.select(cfg, "performance.channels_last", default=False)),
         "compile": str(OmegaConf.select(cfg, "performance.compile", default="none")),
+        "keep_freed_cpu_memory": _keeps_freed_cpu_memory(cfg),
         "memory": str(cfg.model.get("memory", "standard")),
         "batch_size": batch_size,
         "optimizer": str(cfg.optimizer._target_),
@@ -133,7 +135,11 @@ def flowgen_workload(cfg: DictConfig, device: torch.device, name: str = "flowgen
     }
     return Workload(name=name, settings=settings, model=module.model, parameters=parameters, batch_size=batch_size,
                     num_dims=module.num_dims, precision=precision, train_step=train_step,
-                    forward_loss=forward_loss, sample=sample)
+                    forward_loss=forward_loss, sample=sample, keep_freed_cpu_memory=_keeps_freed_cpu_memory(cfg))
+
+
+def _keeps_freed_cpu_memory(cfg: DictConfig) -> bool:
+    return bool(OmegaConf.select(cfg, "performance.keep_freed_cpu_memory", default=False))
 
 
 def normflows_glow(cfg: DictConfig):
@@ -206,11 +212,12 @@ def normflows_workload(cfg: DictConfig, device: torch.device, name: str = "normf
                   "steps": int(cfg.model.steps), "hidden_channels": int(cfg.model.hidden_channels),
                   "coupling": str(cfg.model.coupling), "permutation": str(cfg.model.permutation)},
         "precision": precision, "batch_size": batch_size, "optimizer": str(cfg.optimizer._target_),
-        "gradient_clip_val": clip,
+        "gradient_clip_val": clip, "keep_freed_cpu_memory": _keeps_freed_cpu_memory(cfg),
     }
+    # the same process setting as the flowgen workload it is compared with
     return Workload(name=name, settings=settings, model=model, parameters=parameters, batch_size=batch_size,
                     num_dims=num_dims, precision=precision, train_step=train_step, forward_loss=forward_loss,
-                    sample=sample)
+                    sample=sample, keep_freed_cpu_memory=_keeps_freed_cpu_memory(cfg))
 
 
 def variant_config(cfg: DictConfig, overrides: str) -> DictConfig:

@@ -24,7 +24,7 @@ from flowgen.cli.checkpoints import (
 )
 from flowgen.cli.errors import UserError
 from flowgen.cli.loggers import build_loggers
-from flowgen.performance import compile_model, set_channels_last
+from flowgen.performance import compile_model, keep_freed_cpu_memory, set_channels_last
 from flowgen.training import FlowModule
 from flowgen.training.checkpoint_io import AtomicCheckpointIO, remove_partial_files
 from flowgen.training.final_checkpoint import FinalStepCheckpoint
@@ -143,6 +143,8 @@ def train(cfg: DictConfig) -> float | None:
         refuse_to_overwrite(run_dir)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
+    if OmegaConf.select(cfg, "performance.keep_freed_cpu_memory", default=False):
+        keep_freed_cpu_memory(True)  # process-wide; false leaves glibc as it is
 
     datamodule = instantiate(cfg.data)
     datamodule.shuffle_seed = cfg.seed  # the training order follows the run's seed, and resumes with it
