@@ -10,11 +10,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# one pytest-xdist worker per core (tests/conftest.py shares the cores' threads between them)
 test: $(STAMP)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto
 
 test-full: $(STAMP)
-	$(PYTHON) -m pytest -q -m ""
+	$(PYTHON) -m pytest -q -n auto -m ""
 
 lint: $(STAMP)
 	$(PYTHON) -m ruff check flowgen tests scripts *.py

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,14 @@ import torch
 from torch import nn
 
 from flowgen.flows.actnorm import ActNorm
+
+
+# `make test` runs the suite in pytest-xdist workers: they share the machine's cores between
+# them, and so do the train.py subprocesses they start (which inherit OMP_NUM_THREADS).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 
 @pytest.fixture(scope="module")
