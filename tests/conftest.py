@@ -12,7 +12,6 @@ from torch import nn
 
 from flowgen.flows.actnorm import ActNorm
 
-
 # `make test` runs the suite in pytest-xdist workers: they share the machine's cores between
 # them, and so do the train.py subprocesses they start (which inherit OMP_NUM_THREADS).
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):

@@ -12,7 +12,14 @@ from conftest import perturb_parameters
 from test_bad_inputs import run_train
 from test_configs import compose_train
 
-from flowgen.benchmark.measure import PeakMemory, count_flops, release_freed_memory, saved_activation_bytes
+from flowgen.benchmark.measure import (
+    PeakMemory,
+    convolution_ceiling,
+    count_flops,
+    recorded_convolutions,
+    release_freed_memory,
+    saved_activation_bytes,
+)
 from flowgen.benchmark.run import run_benchmark
 from flowgen.benchmark.workloads import variant_config
 from flowgen.cli import train as train_cli
@@ -128,6 +135,24 @@ def test_flop_count_of_a_matmul_and_a_convolution():
     assert count_flops(lambda: conv(x)) == 2 * 2 * 5 * 5 * 6 * 4 * 9
 
 
+def test_recorded_convolutions_replay_the_kernels_of_a_step():
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(5, 3, 3, 3, requires_grad=True)
+
+    def step():
+        y = torch.nn.functional.conv2d(x, w, padding=1)
+        torch.nn.functional.conv2d(y.relu(), w.transpose(0, 1), padding=1).sum().backward()
+
+    kernels = recorded_convolutions(step)
+    # two forward and two backward kernels, each called once; together all the FLOPs of the step
+    assert sorted(count for _, _, count in kernels) == [1, 1, 1, 1]
+    assert sum(flops * count for _, flops, count in kernels) == count_flops(step)
+    replayed = kernels[0][0]()
+    assert replayed.shape == (2, 5, 8, 8) and replayed.is_contiguous(memory_format=torch.channels_last)
+    assert convolution_ceiling(step, torch.device("cpu"), repeats=1) > 0
+    assert convolution_ceiling(lambda: (x * 2).sum(), torch.device("cpu")) is None
+
+
 def test_saved_activation_bytes_counts_what_backward_keeps():
     w = torch.nn.Parameter(torch.randn(64, 64))
     x = torch.randn(128, 64)
@@ -186,7 +211,8 @@ def test_benchmark_writes_a_record_per_workload(tmp_path, capsys):
     for r in records:
         assert r["train_images_per_s"] > 0 and r["sample_images_per_s"] > 0 and r["flops_per_image"] > 0
         assert len(r["step_seconds"]) == 2 and math.isfinite(r["achieved_flops_per_s"])
-        assert r["fraction_of_gemm"] is None  # benchmark.gemm=false
+        assert r["fraction_of_gemm"] is None and r["convolution_ceiling_of_gemm"] is None  # benchmark.gemm=false
+        assert r["convolution_ceiling_flops_per_s"] > 0
     assert records[0]["train_speed_vs_first"] == 1.0
     assert records[2]["settings"]["memory"] == "invertible" and records[2]["settings"]["channels_last"] is False
     assert [r["settings"]["keep_freed_cpu_memory"] for r in records] == [False, False, True]

@@ -11,7 +11,9 @@ import resource
 import statistics
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -90,6 +92,73 @@ def count_flops(fn: Callable[[], object]) -> int:
     with _FlopCounter() as counter:
         fn()
     return counter.total
+
+
+_CONVOLUTIONS = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
+
+
+def _tensor_spec(value):
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), tuple(value.stride()), value.dtype, value.device)
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return value
+
+
+def _materialise(spec):
+    if isinstance(spec, tuple) and spec[:1] == ("tensor",):
+        _, shape, stride, dtype, device = spec  # strides may overlap (an expanded gradient): fill a base
+        extent = 1 + sum((size - 1) * step for size, step in zip(shape, stride, strict=True)) if all(shape) else 0
+        return torch.randn(extent, device=device).to(dtype).as_strided(shape, stride)
+    return list(spec) if isinstance(spec, tuple) else spec
+
+
+class _ConvolutionRecorder(TorchDispatchMode):
+    """Counts the convolution kernels a call dispatches (forward, and backward with its output mask),
+    keyed by their arguments' shapes, strides and dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _CONVOLUTIONS:
+            key = (func, tuple(_tensor_spec(a) for a in args), tuple((k, _tensor_spec(v)) for k, v in kwargs.items()))
+            self.calls[key] += 1
+        return func(*args, **kwargs)
+
+
+def recorded_convolutions(fn: Callable[[], object]) -> list[tuple[Callable[[], object], int, int]]:
+    """The distinct convolution kernels one call of ``fn`` runs, as (replay, FLOPs, times called):
+    ``replay()`` runs the kernel alone on random tensors of the same shapes, strides and dtype
+    (the backward with the same output mask)."""
+    with _ConvolutionRecorder() as recorder:
+        fn()
+    kernels = []
+    for (func, arg_specs, kwarg_specs), count in recorder.calls.items():
+        args = [_materialise(spec) for spec in arg_specs]
+        kwargs = {k: _materialise(spec) for k, spec in kwarg_specs}
+        with torch.no_grad():
+            out = func(*args, **kwargs)
+        flops = int(flop_registry[func._overloadpacket](*args, **kwargs, out_val=out))
+        kernels.append((torch.no_grad()(partial(func, *args, **kwargs)), flops, count))
+    return kernels
+
+
+def convolution_ceiling(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float | None:
+    """FLOP/s of the convolution kernels one call of ``fn`` runs, each replayed on its own, best of
+    ``repeats``, weighted by how often ``fn`` calls it; None if it runs none.
+
+    This is the rate the convolution library allows this model on this device: the achieved
+    FLOP/s of a whole step, which also runs everything else, cannot pass it.
+    """
+    flops = seconds = 0.0
+    for replay, kernel_flops, count in recorded_convolutions(fn):
+        replay()  # warm-up: kernel selection
+        flops += count * kernel_flops
+        seconds += count * min(timed(replay, device) for _ in range(repeats))
+    return flops / seconds if seconds else None
 
 
 def release_freed_memory() -> None:

@@ -7,6 +7,9 @@ Per workload (the configured flowgen model first, then each ``benchmark.compare`
     FLOPs / image       matmul + convolution FLOPs of one training step (forward + backward)
     achieved FLOP/s     FLOPs / image x train images/s, also as a fraction of the device's
                         dense GEMM rate in the same precision, measured in this run
+    conv. ceiling       the FLOP/s of the step's own convolution kernels, each replayed alone
+                        (same shapes, layouts, dtype), as a fraction of the GEMM rate: what the
+                        convolution library allows this model, which a whole step cannot pass
     peak step memory    what a training step adds on top of weights and optimizer state
                         (CUDA max allocated, or the sampled process RSS on the CPU)
     saved activations   bytes autograd keeps for backward during the forward (exact)
@@ -24,6 +27,7 @@ from omegaconf import DictConfig
 
 from flowgen.benchmark.measure import (
     PeakMemory,
+    convolution_ceiling,
     count_flops,
     gemm_flops_per_second,
     interleaved_times,
@@ -79,6 +83,7 @@ def measure_workloads(workloads: list[Workload], device: torch.device, cfg: Dict
         if bench.gemm and dtype not in gemm:
             gemm[dtype] = gemm_flops_per_second(device, dtype)
         flops_per_image = count_flops(w.train_step) / w.batch_size
+        ceiling = convolution_ceiling(w.train_step, device) if bench.convolution_ceiling else None
         saved = saved_activation_bytes(w.forward_loss, w.parameters)
         step_s = median(steps[w.name])
         train_ips = w.batch_size / step_s
@@ -95,6 +100,8 @@ def measure_workloads(workloads: list[Workload], device: torch.device, cfg: Dict
             "gemm_flops_per_s": gemm.get(dtype),
             "gemm_dtype": str(dtype).replace("torch.", ""),
             "fraction_of_gemm": achieved / gemm[dtype] if dtype in gemm else None,
+            "convolution_ceiling_flops_per_s": ceiling,
+            "convolution_ceiling_of_gemm": ceiling / gemm[dtype] if ceiling and dtype in gemm else None,
             "saved_activation_bytes": saved,
             "parameters": sum(p.numel() for p in w.parameters),
         })
@@ -109,16 +116,21 @@ def measure_workloads(workloads: list[Workload], device: torch.device, cfg: Dict
     return records
 
 
+def _percent(fraction: float | None) -> str:
+    return "n/a" if fraction is None else f"{100 * fraction:.0f}%"
+
+
 def markdown_table(records: list[dict]) -> str:
     head = ("| workload | precision | batch | train img/s | vs first | sample img/s | GFLOP/img | achieved GFLOP/s "
-            "| of GEMM | peak step MiB | saved act. MiB |")
-    rows = [head, "|" + "---|" * 11]
+            "| of GEMM | conv. ceiling | peak step MiB | saved act. MiB |")
+    rows = [head, "|" + "---|" * 12]
     for r in records:
-        fraction = "n/a" if r["fraction_of_gemm"] is None else f"{100 * r['fraction_of_gemm']:.0f}%"
+        fraction = _percent(r["fraction_of_gemm"])
+        ceiling = _percent(r["convolution_ceiling_of_gemm"])
         rows.append(
             f"| {r['name']} | {r['settings']['precision']} | {r['settings']['batch_size']} "
             f"| {r['train_images_per_s']:.1f} | {r['train_speed_vs_first']:.2f}x | {r['sample_images_per_s']:.1f} "
-            f"| {r['flops_per_image'] / 1e9:.2f} | {r['achieved_flops_per_s'] / 1e9:.1f} | {fraction} "
+            f"| {r['flops_per_image'] / 1e9:.2f} | {r['achieved_flops_per_s'] / 1e9:.1f} | {fraction} | {ceiling} "
             f"| {r['peak_step_memory_bytes'] / 2**20:.0f} | {r['saved_activation_bytes'] / 2**20:.0f} |")
     return "\n".join(rows)
 
