@@ -16,6 +16,7 @@ from flowgen.benchmark.measure import (
     PeakMemory,
     convolution_ceiling,
     count_flops,
+    gemm_call,
     recorded_convolutions,
     release_freed_memory,
     saved_activation_bytes,
@@ -149,8 +150,10 @@ def test_recorded_convolutions_replay_the_kernels_of_a_step():
     assert sum(flops * count for _, flops, count in kernels) == count_flops(step)
     replayed = kernels[0][0]()
     assert replayed.shape == (2, 5, 8, 8) and replayed.is_contiguous(memory_format=torch.channels_last)
-    assert convolution_ceiling(step, torch.device("cpu"), repeats=1) > 0
-    assert convolution_ceiling(lambda: (x * 2).sum(), torch.device("cpu")) is None
+    cpu = torch.device("cpu")
+    conv_rate, gemm_rate = convolution_ceiling(step, cpu, gemm_call(cpu, torch.float32, size=64), repeats=1)
+    assert conv_rate > 0 and gemm_rate > 0
+    assert convolution_ceiling(lambda: (x * 2).sum(), cpu) == (None, None)
 
 
 def test_saved_activation_bytes_counts_what_backward_keeps():
@@ -200,7 +203,7 @@ def test_benchmark_writes_a_record_per_workload(tmp_path, capsys):
     pytest.importorskip("normflows")
     cfg = compose_train(tmp_path, [
         "model.levels=2", "model.steps=1", "model.hidden_channels=8", "data.batch_size=4", "data.image_size=8",
-        "benchmark.warmup_steps=1", "benchmark.timed_steps=2", "benchmark.sample_repeats=1", "benchmark.gemm=false",
+        "benchmark.warmup_steps=1", "benchmark.timed_steps=2", "benchmark.sample_repeats=1",
         "benchmark.compare=[normflows, 'model.memory=invertible performance.channels_last=false "
         "performance.keep_freed_cpu_memory=true']",
         f"benchmark.output={tmp_path}/bench.json"], config_name="benchmark")
@@ -211,8 +214,8 @@ def test_benchmark_writes_a_record_per_workload(tmp_path, capsys):
     for r in records:
         assert r["train_images_per_s"] > 0 and r["sample_images_per_s"] > 0 and r["flops_per_image"] > 0
         assert len(r["step_seconds"]) == 2 and math.isfinite(r["achieved_flops_per_s"])
-        assert r["fraction_of_gemm"] is None and r["convolution_ceiling_of_gemm"] is None  # benchmark.gemm=false
-        assert r["convolution_ceiling_flops_per_s"] > 0
+        assert r["fraction_of_gemm"] > 0 and r["gemm_dtype"] == "float32"
+        assert r["convolution_ceiling_flops_per_s"] > 0 and r["convolution_ceiling_of_gemm"] > 0
     assert records[0]["train_speed_vs_first"] == 1.0
     assert records[2]["settings"]["memory"] == "invertible" and records[2]["settings"]["channels_last"] is False
     assert [r["settings"]["keep_freed_cpu_memory"] for r in records] == [False, False, True]

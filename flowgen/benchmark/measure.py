@@ -52,18 +52,14 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def gemm_flops_per_second(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:
-    """The device's dense matrix-multiply rate in ``dtype``: 2·n³ FLOPs per n×n product, best of ``repeats``.
-
-    The best (not the median) is the machine's capability; the step times it is compared with
-    are medians, so the achieved fraction is if anything understated.
-    """
+def gemm_call(device: torch.device, dtype: torch.dtype, size: int | None = None) -> tuple[Callable[[], object], int]:
+    """One n x n by n x n matrix product in ``dtype`` (n = 8192 on CUDA, 2048 else) and its 2·n³ FLOPs:
+    the device's dense-GEMM reference.  It is timed in the same alternating rounds as the work it is
+    compared with (medians of both), so a slow spell of a shared machine changes neither ratio."""
     n = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    a @ b  # warm-up: library initialisation and kernel selection
-    best = min(timed(lambda: a @ b, device) for _ in range(repeats))
-    return 2.0 * n**3 / best
+    return (lambda: a @ b), 2 * n**3
 
 
 class _FlopCounter(TorchDispatchMode):
@@ -146,19 +142,28 @@ def recorded_convolutions(fn: Callable[[], object]) -> list[tuple[Callable[[], o
     return kernels
 
 
-def convolution_ceiling(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float | None:
-    """FLOP/s of the convolution kernels one call of ``fn`` runs, each replayed on its own, best of
-    ``repeats``, weighted by how often ``fn`` calls it; None if it runs none.
+def convolution_ceiling(fn: Callable[[], object], device: torch.device,
+                        gemm: tuple[Callable[[], object], int] | None = None,
+                        repeats: int = 5) -> tuple[float | None, float | None]:
+    """FLOP/s of the convolution kernels one call of ``fn`` runs, each replayed on its own and weighted
+    by how often ``fn`` calls it (None if it runs none), and the FLOP/s of ``gemm`` (a ``gemm_call``)
+    timed in the same rounds (None without one).  Each of ``repeats`` rounds replays every kernel
+    once, then the GEMM once; each time is the median over the rounds.
 
     This is the rate the convolution library allows this model on this device: the achieved
     FLOP/s of a whole step, which also runs everything else, cannot pass it.
     """
-    flops = seconds = 0.0
-    for replay, kernel_flops, count in recorded_convolutions(fn):
-        replay()  # warm-up: kernel selection
-        flops += count * kernel_flops
-        seconds += count * min(timed(replay, device) for _ in range(repeats))
-    return flops / seconds if seconds else None
+    kernels = recorded_convolutions(fn)
+    calls = {i: replay for i, (replay, _, _) in enumerate(kernels)}
+    if gemm is not None:
+        calls["gemm"] = gemm[0]
+    for call in calls.values():
+        call()  # warm-up: kernel selection
+    times = interleaved_times(calls, repeats, device)
+    seconds = sum(count * median(times[i]) for i, (_, _, count) in enumerate(kernels))
+    flops = sum(count * kernel_flops for _, kernel_flops, count in kernels)
+    gemm_rate = gemm[1] / median(times["gemm"]) if gemm is not None else None
+    return (flops / seconds if kernels else None), gemm_rate
 
 
 def release_freed_memory() -> None:

@@ -6,10 +6,11 @@ Per workload (the configured flowgen model first, then each ``benchmark.compare`
     sample images/s     images / median time of ``sample`` (no autograd, no log-det work)
     FLOPs / image       matmul + convolution FLOPs of one training step (forward + backward)
     achieved FLOP/s     FLOPs / image x train images/s, also as a fraction of the device's
-                        dense GEMM rate in the same precision, measured in this run
+                        dense GEMM rate in the same precision, timed in the same rounds as the steps
     conv. ceiling       the FLOP/s of the step's own convolution kernels, each replayed alone
-                        (same shapes, layouts, dtype), as a fraction of the GEMM rate: what the
-                        convolution library allows this model, which a whole step cannot pass
+                        (same shapes, layouts, dtype), as a fraction of a GEMM timed in the same
+                        rounds: what the convolution library allows this model, which a whole
+                        step cannot pass
     peak step memory    what a training step adds on top of weights and optimizer state
                         (CUDA max allocated, or the sampled process RSS on the CPU)
     saved activations   bytes autograd keeps for backward during the forward (exact)
@@ -29,7 +30,7 @@ from flowgen.benchmark.measure import (
     PeakMemory,
     convolution_ceiling,
     count_flops,
-    gemm_flops_per_second,
+    gemm_call,
     interleaved_times,
     median,
     saved_activation_bytes,
@@ -70,20 +71,25 @@ def measure_workloads(workloads: list[Workload], device: torch.device, cfg: Dict
             loss = train_steps[w.name]()
         if not torch.isfinite(loss):
             raise UserError(f"{w.name}: the warm-up loss is {float(loss)}; the benchmark needs a model that trains")
-    steps = interleaved_times(train_steps, int(bench.timed_steps), device)
+    # the GEMM reference of each precision takes its turn in the same rounds as the steps
+    gemms = {_gemm_dtype(w.precision): None for w in workloads} if bench.gemm else {}
+    gemms = {dtype: gemm_call(device, dtype) for dtype in gemms}
+    references = {f"gemm {dtype}": call for dtype, (call, _) in gemms.items()}
+    for call in references.values():
+        call()  # warm-up
+    steps = interleaved_times(train_steps | references, int(bench.timed_steps), device)
+    gemm = {dtype: flops / median(steps[f"gemm {dtype}"]) for dtype, (_, flops) in gemms.items()}
     n = int(bench.sample_images)
     for w in workloads:
         samplers[w.name](n)  # warm-up of the inverse path
     samples = interleaved_times({name: (lambda s=s: s(n)) for name, s in samplers.items()},
                                 int(bench.sample_repeats), device)
-    gemm = {}
     records = []
     for w in workloads:
         dtype = _gemm_dtype(w.precision)
-        if bench.gemm and dtype not in gemm:
-            gemm[dtype] = gemm_flops_per_second(device, dtype)
         flops_per_image = count_flops(w.train_step) / w.batch_size
-        ceiling = convolution_ceiling(w.train_step, device) if bench.convolution_ceiling else None
+        ceiling, ceiling_gemm = (convolution_ceiling(w.train_step, device, gemms.get(dtype))
+                                 if bench.convolution_ceiling else (None, None))
         saved = saved_activation_bytes(w.forward_loss, w.parameters)
         step_s = median(steps[w.name])
         train_ips = w.batch_size / step_s
@@ -101,7 +107,7 @@ def measure_workloads(workloads: list[Workload], device: torch.device, cfg: Dict
             "gemm_dtype": str(dtype).replace("torch.", ""),
             "fraction_of_gemm": achieved / gemm[dtype] if dtype in gemm else None,
             "convolution_ceiling_flops_per_s": ceiling,
-            "convolution_ceiling_of_gemm": ceiling / gemm[dtype] if ceiling and dtype in gemm else None,
+            "convolution_ceiling_of_gemm": ceiling / ceiling_gemm if ceiling and ceiling_gemm else None,
             "saved_activation_bytes": saved,
             "parameters": sum(p.numel() for p in w.parameters),
         })
