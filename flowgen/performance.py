@@ -11,7 +11,8 @@
                                 glibc keeps freed CPU memory for the next step instead of mapping
                                 every large tensor afresh (``keep_freed_cpu_memory``); process-wide
 
-Both apply to the module in place: parameter names, checkpoints and the EMA copy are unchanged.
+channels_last and compile apply to the module in place: parameter names, checkpoints and the EMA
+copy are unchanged.  keep_freed_cpu_memory is a setting of the process's C library, not of a module.
 Compilation is checked against the eager ``log_prob`` in tests/test_performance.py.
 """
 

@@ -72,8 +72,8 @@ def measure_workloads(workloads: list[Workload], device: torch.device, cfg: Dict
         if not torch.isfinite(loss):
             raise UserError(f"{w.name}: the warm-up loss is {float(loss)}; the benchmark needs a model that trains")
     # the GEMM reference of each precision takes its turn in the same rounds as the steps
-    gemms = {_gemm_dtype(w.precision): None for w in workloads} if bench.gemm else {}
-    gemms = {dtype: gemm_call(device, dtype) for dtype in gemms}
+    dtypes = dict.fromkeys(_gemm_dtype(w.precision) for w in workloads) if bench.gemm else {}
+    gemms = {dtype: gemm_call(device, dtype) for dtype in dtypes}
     references = {f"gemm {dtype}": call for dtype, (call, _) in gemms.items()}
     for call in references.values():
         call()  # warm-up
