@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,7 +20,6 @@ from flowgen.benchmark.measure import (
     count_flops,
     gemm_call,
     recorded_convolutions,
-    release_freed_memory,
     saved_activation_bytes,
 )
 from flowgen.benchmark.run import run_benchmark
@@ -27,7 +28,7 @@ from flowgen.cli import train as train_cli
 from flowgen.errors import UserError
 from flowgen.flows.nets import ActNormConv2d, GlowConditioner, ResNetConditioner, ZeroConv2d
 from flowgen.models import Glow, RealNVP
-from flowgen.performance import apply_performance, compile_model, glibc, keep_freed_cpu_memory, set_channels_last
+from flowgen.performance import apply_performance, compile_model, glibc, set_channels_last
 
 
 def tiny_models():
@@ -173,30 +174,39 @@ def test_peak_memory_sees_a_temporary_allocation():
     assert peak.kind == "process RSS"
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+# run in a fresh process: glibc's heap is process-wide state that earlier tests shape
+_KEEP_FREED_SCRIPT = """
+import torch
+from flowgen.benchmark.measure import release_freed_memory
+from flowgen.performance import keep_freed_cpu_memory
+
+MIB = 2**20
+
+def resident_growth_of_a_freed_tensor():
+    def resident():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+    before = resident()
+    t = torch.ones(96 * MIB // 4)  # 96 MiB, above any mmap threshold glibc would pick itself
+    del t
+    return resident() - before
+
+assert keep_freed_cpu_memory(False)
+growth = [resident_growth_of_a_freed_tensor()]  # its own pages, unmapped when freed
+assert keep_freed_cpu_memory(True)
+growth.append(resident_growth_of_a_freed_tensor())  # from the heap, kept there when freed
+release_freed_memory()  # what the benchmark's memory measurement sets: returned again
+growth.append(resident_growth_of_a_freed_tensor())
+print(*(g // MIB for g in growth))
+"""
 
 
 @pytest.mark.skipif(glibc() is None, reason="a glibc (Linux) setting")
 def test_keep_freed_cpu_memory_keeps_a_freed_large_tensor():
-    mib = 2**20
-
-    def resident_growth_of_a_freed_tensor() -> int:
-        before = _resident_bytes()
-        t = torch.ones(96 * mib // 4)  # 96 MiB, above any mmap threshold glibc would pick itself
-        del t
-        return _resident_bytes() - before
-
-    try:
-        assert keep_freed_cpu_memory(False)
-        assert resident_growth_of_a_freed_tensor() < 16 * mib  # its own pages, unmapped when freed
-        assert keep_freed_cpu_memory(True)
-        assert resident_growth_of_a_freed_tensor() > 80 * mib  # from the heap, kept there when freed
-        release_freed_memory()  # what the benchmark's memory measurement sets: returned again
-        assert resident_growth_of_a_freed_tensor() < 16 * mib
-    finally:
-        release_freed_memory()
+    run = subprocess.run([sys.executable, "-c", _KEEP_FREED_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    returned, kept, returned_again = map(int, run.stdout.split())
+    assert returned < 16 and kept > 80 and returned_again < 16, run.stdout
 
 
 def test_benchmark_writes_a_record_per_workload(tmp_path, capsys):
