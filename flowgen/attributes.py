@@ -103,5 +103,4 @@ def shift_latents(zs: list[torch.Tensor], direction: list[torch.Tensor], alphas)
 def manipulate(model: nn.Module, y: torch.Tensor, direction: list[torch.Tensor], alphas) -> torch.Tensor:
     """f^{-1}(f(y) + α d) for every α: one model input y (C, H, W) -> (len(alphas), C, H, W)."""
     zs = encode(model, y.unsqueeze(0))
-    x, _ = model.inverse(shift_latents(zs, direction, alphas))
-    return x
+    return model.invert(shift_latents(zs, direction, alphas))

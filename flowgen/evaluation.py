@@ -72,7 +72,7 @@ def likelihood_bounds(
 def reconstruction_error(model: nn.Module, y: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """max |decode(encode(y)) - y| over the batch, a 0-d float tensor (the flow's numerical invertibility)."""
     zs, _ = model(y, labels)
-    y_rec, _ = model.inverse(zs, labels)
+    y_rec = model.invert(zs, labels)
     return (y_rec.float() - y.float()).abs().max()
 
 

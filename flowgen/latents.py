@@ -24,8 +24,7 @@ METHODS = ("linear", "spherical")
 def reconstruct(model: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """decode(encode(y)): the model input back through the exact inverse."""
     zs, _ = model(y)
-    y_rec, _ = model.inverse(zs)
-    return y_rec
+    return model.invert(zs)
 
 
 def interpolation_weights(steps: int) -> torch.Tensor:
@@ -59,8 +58,7 @@ def interpolate(model: nn.Module, y_a: torch.Tensor, y_b: torch.Tensor, steps: i
     zs_a, _ = model(y_a.unsqueeze(0))
     zs_b, _ = model(y_b.unsqueeze(0))
     path = [interpolate_vectors(za[0], zb[0], t, method) for za, zb in zip(zs_a, zs_b, strict=True)]
-    y, _ = model.inverse(path)
-    return y
+    return model.invert(path)
 
 
 @torch.no_grad()
@@ -73,7 +71,7 @@ def level_reconstruction_errors(model: nn.Module, y: torch.Tensor) -> list[float
     h = y
     for i, level in enumerate(model.levels):
         out, _ = level(h)
-        back, _ = level.inverse(out)
+        back = level.invert(out)
         errors.append(float((back.float() - h.float()).abs().max()))
         h = model.splits[i](out)[0] if i < len(model.splits) else out
     return errors

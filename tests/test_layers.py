@@ -83,6 +83,7 @@ def test_layer_inverse_and_jacobian(name):
     x_rec, logdet_inv = layer.inverse(z, cond)
     assert torch.allclose(x_rec, x, atol=1e-10, rtol=0), (x_rec - x).abs().max()
     assert torch.allclose(logdet_inv, -logdet, atol=1e-10)
+    assert torch.equal(layer.invert(z, cond), x_rec)  # the inverse without its log-det: the same x, bit for bit
     # the Jacobian is per sample: every sample with its own conditioning
     expected = torch.stack([
         jacobian_logdets(lambda inp, b=b: layer(inp, None if cond is None else cond[b : b + 1])[0], x[b : b + 1])[0]

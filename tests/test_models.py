@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from flowgen.flows import coupling as coupling_module
 from flowgen.flows import ActNorm, Coupling, FlowSequence, GlowConditioner, InvConv1x1LU, Split, Squeeze, TopPrior
 from flowgen.models import Glow, MultiScaleFlow, RealNVP
 from tests.conftest import initialize_actnorms, jacobian_logdets, perturb_parameters
@@ -53,6 +54,7 @@ def check_exact(model, x, y):
     x_rec, logdet_inv = model.inverse(zs, y)
     assert torch.allclose(x_rec, x, atol=1e-10, rtol=0), (x_rec - x).abs().max()
     assert torch.allclose(logdet_inv, -logdet, atol=1e-9)
+    assert torch.equal(model.invert(zs, y), x_rec)
     expected = jacobian_logdets(lambda inp: model(inp, None if y is None else y[:2])[0], x[:2])
     assert torch.allclose(logdet[:2], expected, atol=1e-6, rtol=0), (logdet[:2], expected)
 
@@ -126,6 +128,31 @@ def test_sample_then_encode_returns_the_sampled_latents(build):
     zs_enc, _ = model(x, y)
     for z, z_enc in zip(zs, zs_enc, strict=True):
         assert torch.allclose(z, z_enc, atol=1e-10)
+
+
+@pytest.mark.parametrize("build", [tiny_glow, lambda: tiny_glow("spline"), lambda: tiny_realnvp("spline")],
+                         ids=["glow-affine", "glow-spline", "realnvp-spline"])
+def test_sampling_and_invert_do_no_logdet_work(build, monkeypatch):
+    """When only images are wanted no coupling sums log-derivatives and no spline computes one."""
+    model, x, _ = prepared(build)
+    zs, _ = model(x)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("log-determinant work on a path that only wants images")
+
+    spline = coupling_module.rational_quadratic_spline
+
+    def spline_without_derivative(*args, derivative=True, **kwargs):
+        if derivative:
+            refuse()
+        return spline(*args, derivative=derivative, **kwargs)
+
+    monkeypatch.setattr(Coupling, "_logdet", refuse)
+    monkeypatch.setattr(coupling_module, "rational_quadratic_spline", spline_without_derivative)
+    assert torch.isfinite(model.sample(2, temperature=0.7)).all()
+    assert torch.allclose(model.invert(zs), x, atol=1e-10, rtol=0)
+    with pytest.raises(AssertionError, match="log-determinant work"):
+        model.inverse(zs)  # the watch is live: the full inverse does the work
 
 
 def test_temperature_zero_decodes_the_prior_means_level_by_level():

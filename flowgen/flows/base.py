@@ -4,7 +4,10 @@ Every flow layer maps data towards the latent space in ``forward`` and back in `
 
     forward(x, cond=None) -> (z, logdet)    logdet = log |det dz/dx|      shape (B,)
     inverse(z, cond=None) -> (x, logdet)    logdet = log |det dx/dz|      = -forward's
+    invert(z, cond=None)  -> x              the same x, no log-determinant work
 
+``invert`` is what sampling, reconstruction and invertible backprop call: they never use the
+log-determinant, and a coupling's costs a pass over its activations (a spline's, several).
 The log-determinant is always accumulated in float32 (float64 when the input is float64),
 whatever precision the activations run in, so that likelihood sums never lose bits to bf16.
 Composition sums log-determinants; nothing else is needed to build a model.
@@ -43,6 +46,11 @@ class Flow(nn.Module):
     def inverse(self, z: torch.Tensor, cond: torch.Tensor | None = None):  # pragma: no cover
         raise NotImplementedError
 
+    def invert(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x = f^{-1}(z) alone.  Layers whose log-determinant is cheap (a number per channel)
+        inherit this; layers that would spend a pass over the activations on it override it."""
+        return self.inverse(z, cond)[0]
+
 
 class FlowSequence(Flow):
     """Composition f = f_n ∘ ... ∘ f_1:  log|det J_f| = Σ_i log|det J_{f_i}|.
@@ -70,6 +78,11 @@ class FlowSequence(Flow):
             z, ld = flow.inverse(z, cond)
             logdet = logdet + ld
         return z, logdet
+
+    def invert(self, z, cond=None):
+        for flow in reversed(self.flows):
+            z = flow.invert(z, cond)
+        return z
 
     def __len__(self) -> int:
         return len(self.flows)

@@ -123,18 +123,20 @@ class Coupling(Flow):
             return shift, F.logsigmoid(raw + 2.0)
         return shift, self.alpha.to(dtype) * torch.tanh(raw)
 
-    def _map(self, x_b, params, inverse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The elementwise bijection (or its inverse) and its elementwise log-derivative (None when 0)."""
+    def _map(self, x_b, params, inverse: bool, derivative: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The elementwise bijection (or its inverse) and its elementwise log-derivative (None when 0,
+        or when ``derivative`` is False: the map alone)."""
         if self.transform == "additive":
             (shift,) = params
             return (x_b - shift if inverse else x_b + shift), None
         if self.transform == "spline":
-            return rational_quadratic_spline(x_b, *params, bound=self.spline_bound, inverse=inverse)
+            return rational_quadratic_spline(x_b, *params, bound=self.spline_bound, inverse=inverse,
+                                             derivative=derivative)
         shift, log_scale = params
-        if inverse:
-            if self.scale == "sigmoid":  # z = (x + t) · e^s
-                return x_b * (-log_scale).exp() - shift, -log_scale
-            return (x_b - shift) * (-log_scale).exp(), -log_scale  # z = x · e^s + t
+        if inverse:  # sigmoid: z = (x + t) · e^s;  tanh: z = x · e^s + t
+            inverse_scale = (-log_scale).exp()
+            x_b = x_b * inverse_scale - shift if self.scale == "sigmoid" else (x_b - shift) * inverse_scale
+            return x_b, (-log_scale if derivative else None)
         if self.scale == "sigmoid":
             return (x_b + shift) * log_scale.exp(), log_scale
         return x_b * log_scale.exp() + shift, log_scale
@@ -167,11 +169,20 @@ class Coupling(Flow):
             return self._merge(x_a, z_b, x, change), self._logdet(x, log_derivative, change)
 
     def inverse(self, z, cond=None):
+        x, log_derivative, change = self._inverse(z, cond, derivative=True)
+        with no_autocast(z):
+            return x, self._logdet(z, log_derivative, change)
+
+    def invert(self, z, cond=None):
+        """x alone: no log-derivative and no sum over the transformed elements (sampling)."""
+        return self._inverse(z, cond, derivative=False)[0]
+
+    def _inverse(self, z, cond, derivative: bool):
         z_a, z_b, change = self._split(z)
         params = self._params(z_a, cond, z.dtype)
         with no_autocast(z):
-            x_b, log_derivative = self._map(z_b, params, inverse=True)
-            return self._merge(z_a, x_b, z, change), self._logdet(z, log_derivative, change)
+            x_b, log_derivative = self._map(z_b, params, inverse=True, derivative=derivative)
+            return self._merge(z_a, x_b, z, change), log_derivative, change
 
     def reconstruct(self, z, cond=None):
         """For invertible backprop (flowgen.flows.memory): (x, z', logdet') where x = f^{-1}(z) is a
@@ -187,7 +198,7 @@ class Coupling(Flow):
         params = self._params(x_a, cond, z.dtype)
         with torch.no_grad(), no_autocast(z):
             z_a, z_b, _ = self._split(z)
-            x_b, _ = self._map(z_b, params, inverse=True)
+            x_b, _ = self._map(z_b, params, inverse=True, derivative=False)
             x.data.copy_(self._merge(z_a, x_b, z, change))
         _, x_b, _ = self._split(x)
         with no_autocast(x):

@@ -162,7 +162,7 @@ class InvertibleSequence(torch.autograd.Function):
                         x, z_re, ld = flow.reconstruct(z, cond)
                 else:
                     with torch.no_grad():
-                        x = flow.inverse(z, cond)[0]  # this layer's input, reconstructed from its output
+                        x = flow.invert(z, cond)  # this layer's input, reconstructed from its output
                     x = x.detach().requires_grad_(need_x)
                     with torch.enable_grad():
                         z_re, ld = flow(x, cond)  # recomputed: this layer's graph only

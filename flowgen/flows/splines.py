@@ -74,12 +74,14 @@ def rational_quadratic_spline(
     slopes: torch.Tensor,
     bound: float,
     inverse: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    derivative: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply the spline (or its inverse) elementwise; returns (outputs, log|d outputs / d inputs|).
 
     inputs: (...); widths, heights: (..., K) unconstrained; slopes: (..., K-1) unconstrained
     interior slopes. The log-derivative is elementwise (same shape as ``inputs``) and is that
-    of the map actually applied (negative of the forward one for the inverse).
+    of the map actually applied (negative of the forward one for the inverse); with
+    ``derivative=False`` it is not computed (None), for callers that want the map alone.
     """
     if bound <= 0:
         raise ValueError(f"spline bound must be > 0, got {bound}")
@@ -114,6 +116,9 @@ def rational_quadratic_spline(
     else:
         xi = (x - x_k) / w
         out = y_k + h * (s * xi * xi + d_k * xi * (1 - xi)) / (s + curvature * xi * (1 - xi))
+    out = torch.where(inside, out, inputs)
+    if not derivative:
+        return out, None
 
     one_minus = 1 - xi
     denominator = s + curvature * xi * one_minus
@@ -121,6 +126,5 @@ def rational_quadratic_spline(
     log_derivative = 2 * torch.log(s) + torch.log(numerator) - 2 * torch.log(denominator)
     if inverse:
         log_derivative = -log_derivative
-    out = torch.where(inside, out, inputs)
     log_derivative = torch.where(inside, log_derivative, torch.zeros_like(log_derivative))
     return out, log_derivative

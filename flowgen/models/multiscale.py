@@ -75,9 +75,11 @@ class MultiScaleFlow(nn.Module):
 
     # -- latents -> data -------------------------------------------------------------------
     def decode(self, zs: list[torch.Tensor | None] | None = None, n: int | None = None, y=None,
-               temperature: float = 1.0, generator=None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+               temperature: float = 1.0, generator=None, logdet: bool = True
+               ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
         """Top-down inverse.  Latents that are None (or all of them, with ``n``) are drawn from
-        their priors at ``temperature``.  Returns (x, the latents used, log|det dx/dz|)."""
+        their priors at ``temperature``.  Returns (x, the latents used, log|det dx/dz|); with
+        ``logdet=False`` the log-determinant is None and no layer spends work on it (``invert``)."""
         num_levels = len(self.levels)
         if zs is None:
             if n is None:
@@ -92,18 +94,25 @@ class MultiScaleFlow(nn.Module):
                 raise ValueError("decode needs the top latent or a number of samples n")
             h = self.top_prior.sample(n, temperature, y, generator)
         used[-1] = h
-        logdet = zero_logdet(h)
+        total = zero_logdet(h) if logdet else None
         for i in reversed(range(num_levels)):
             if i < len(self.splits):
                 h, used[i] = self.splits[i].inverse(h, zs[i], temperature, generator)
-            h, ld = self.levels[i].inverse(h)
-            logdet = logdet + ld
-        return h, used, logdet
+            if logdet:
+                h, ld = self.levels[i].inverse(h)
+                total = total + ld
+            else:
+                h = self.levels[i].invert(h)
+        return h, used, total
 
     def inverse(self, zs: list[torch.Tensor], y=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents -> (x, log|det dx/dz|); the exact inverse of ``forward``."""
         x, _, logdet = self.decode(zs, y=y)
         return x, logdet
+
+    def invert(self, zs: list[torch.Tensor], y=None) -> torch.Tensor:
+        """Latents -> x alone, with no log-determinant work (reconstruction, interpolation, editing)."""
+        return self.decode(zs, y=y, logdet=False)[0]
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, y=None, generator=None, return_latents: bool = False):
@@ -115,5 +124,5 @@ class MultiScaleFlow(nn.Module):
             y = torch.as_tensor(y, device=param.device).long().flatten()
             if y.numel() == 1 and n > 1:
                 y = y.expand(n)
-        x, zs, _ = self.decode(n=n, y=y, temperature=temperature, generator=generator)
+        x, zs, _ = self.decode(n=n, y=y, temperature=temperature, generator=generator, logdet=False)
         return (x, zs) if return_latents else x

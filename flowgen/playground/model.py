@@ -51,11 +51,11 @@ class FlowDensity2d(nn.Module):
         """[h_n = z, h_{n-1}, …, h_0 = x]: the points after each block of the inverse, Gaussian to data."""
         points = [z]
         for block in reversed(list(self.blocks)):
-            points.append(block.inverse(points[-1])[0])
+            points.append(block.invert(points[-1]))
         return points
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n samples x = f^{-1}(z), z ~ N(0, I)."""
         z = torch.randn(n, 2, generator=generator)
-        return self.blocks.inverse(z)[0]
+        return self.blocks.invert(z)
