@@ -33,6 +33,7 @@ import torch
 from flowgen.errors import UserError
 
 BOOTSTRAP_RESAMPLES = 10_000  # enough for a 1% quantile to move by well under its own spread
+TEXT_COLUMNS = ("file",)  # per-image CSV columns that are not numbers
 
 
 def typicality(bpd: torch.Tensor, typical_bpd: float) -> torch.Tensor:
@@ -91,14 +92,15 @@ def auroc(in_scores, out_scores) -> float:
 
 # ---- the per-image CSV ------------------------------------------------------------------------------
 
-def write_scores(path: Path, columns: dict[str, torch.Tensor]) -> None:
-    """One row per image; integer columns as integers, the others with every digit of their float value.
+def write_scores(path: Path, columns: dict[str, torch.Tensor | list[str]]) -> None:
+    """One row per image; integer columns as integers, the others with every digit of their float value,
+    text columns (``file``) as they are.
 
     Floats are written by ``repr`` of the double, which reads back to the same number, so the mean of
     a column read back equals the mean of the tensor it came from.
     """
     names = list(columns)
-    values = [t.tolist() for t in columns.values()]
+    values = [t.tolist() if isinstance(t, torch.Tensor) else list(t) for t in columns.values()]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -107,7 +109,8 @@ def write_scores(path: Path, columns: dict[str, torch.Tensor]) -> None:
 
 
 def read_scores(path: str | Path) -> dict[str, np.ndarray]:
-    """The columns of a per-image score CSV written by evaluate.py, as float64 arrays."""
+    """The numeric columns of a per-image score CSV written by evaluate.py, as float64 arrays
+    (the ``file`` column, text, is left out)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"{path}: no such score CSV; write one with `python evaluate.py ... csv=true`")
@@ -117,6 +120,6 @@ def read_scores(path: str | Path) -> dict[str, np.ndarray]:
         raise UserError(f"{path} is not a per-image score CSV of evaluate.py (it needs a header with bpd and "
                         "one row per image)")
     try:
-        return {name: np.array([float(row[name]) for row in rows]) for name in rows[0]}
+        return {name: np.array([float(row[name]) for row in rows]) for name in rows[0] if name not in TEXT_COLUMNS}
     except (TypeError, ValueError):
         raise UserError(f"{path} has a row with a missing or non-numeric value") from None

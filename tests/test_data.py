@@ -365,6 +365,28 @@ def test_folder_train_val_test_subdirectories_are_the_splits(tmp_path):
     assert [dm.test_set[i][1] for i in range(6)] == [0, 0, 0, 1, 1, 1]
 
 
+def test_folder_file_names_follow_each_split_in_order(tmp_path):
+    """The file of item i of every split (held-out and given splits) is the file item i was read from."""
+    for i in range(7):
+        write_png(tmp_path / "train" / f"{i}.png", (8, 8), "RGB", i)
+    for i in range(2):
+        write_png(tmp_path / "test" / f"t{i}.png", (8, 8), "RGB", 100 + i)
+    dm = make("folder", tmp_path, path=tmp_path, image_size=8, val_size=2, max_items=4)
+    dm.setup()
+    for split in ("train", "val", "test"):
+        files = dm.file_names(split)
+        dataset = dm.eval_dataset(split)
+        assert len(files) == len(dataset) == {"train": 4, "val": 2, "test": 2}[split]  # max_items cuts train
+        for i, file in enumerate(files):
+            expected = torch.from_numpy(np.array(Image.open(file))).permute(2, 0, 1)
+            assert torch.equal(dataset[i][0], expected), (split, i, file)
+    assert set(dm.file_names("val")).isdisjoint(dm.file_names("train"))  # held out of train/
+    assert dm.file_names("test") == [str(tmp_path / "test" / "t0.png"), str(tmp_path / "test" / "t1.png")]
+    digits = make("digits", tmp_path, val_size=297, n_bits=None, image_size=8, channels=1)
+    digits.setup()
+    assert digits.file_names("test") is None
+
+
 def test_folder_without_labels_in_split_dirs(tmp_path):
     for split, n in (("train", 4), ("test", 2)):
         for i in range(n):

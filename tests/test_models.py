@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from flowgen.flows import coupling as coupling_module
 from flowgen.flows import ActNorm, Coupling, FlowSequence, GlowConditioner, InvConv1x1LU, Split, Squeeze, TopPrior
+from flowgen.flows import coupling as coupling_module
 from flowgen.models import Glow, MultiScaleFlow, RealNVP
 from tests.conftest import initialize_actnorms, jacobian_logdets, perturb_parameters
 

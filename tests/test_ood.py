@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 
 import pytest
@@ -17,8 +18,11 @@ from flowgen.cli.errors import run_reporting_errors
 from flowgen.cli.evaluate import evaluate
 from flowgen.cli.ood_histogram import ood_histogram
 from flowgen.cli.restore import instantiate_data, restore_run
+from flowgen.cli.train import train
 from flowgen.evaluation import evaluate_split
 from flowgen.ood import auroc, batch_test, bootstrap_threshold, read_scores, typicality, write_scores
+from tests.fake_datasets import write_png
+from tests.test_configs import compose_train
 from tests.train_runner import REPO, run_entry
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only contend on 2 shared cores
@@ -145,9 +149,33 @@ def test_auroc_on_fake_scores():
 
 def test_scores_csv_round_trip(tmp_path):
     values = torch.rand(7) * 4
-    write_scores(tmp_path / "s.csv", {"index": torch.arange(7), "bpd": values})
-    scores = read_scores(tmp_path / "s.csv")
+    files = [f"/images/a,b {i}.png" for i in range(7)]  # a comma in a name stays in its cell
+    write_scores(tmp_path / "s.csv", {"index": torch.arange(7), "file": files, "bpd": values})
+    with open(tmp_path / "s.csv", newline="") as f:
+        assert [row["file"] for row in csv.DictReader(f)] == files
+    scores = read_scores(tmp_path / "s.csv")  # the numbers; the file column is text
+    assert list(scores) == ["index", "bpd"]
     assert scores["index"].tolist() == list(range(7)) and scores["bpd"].tolist() == values.tolist()
+
+
+def test_csv_of_a_folder_names_each_image_file(tmp_path):
+    """data=folder: each row of evaluate.py's CSV names the file it scored (row i is item i of the split, and
+    test_data checks that item i is read from file_names()[i])."""
+    for split, n, seed in (("train", 6, 0), ("test", 3, 100)):
+        for i in range(n):
+            write_png(tmp_path / "pngs" / split / f"{i}.png", (8, 8), "L", seed=seed + i)
+    data = ["data=folder", f"data.path={tmp_path / 'pngs'}", "data.image_size=8", "data.channels=1", "data.n_bits=3",
+            "data.num_workers=0", "data.batch_size=2", "data.val_size=2", "model=glow_small",
+            "model.hidden_channels=8"]
+    train(compose_train(tmp_path, ["logger=csv", "~callbacks.rich_progress_bar", "trainer.max_steps=1",
+                                   "trainer.accelerator=cpu", "test=false", *data]))
+    result = evaluate(composed("evaluate", [f"ckpt_path={tmp_path / 'run'}", "split=test", "typicality.split=null",
+                                            f"output={tmp_path / 'test.json'}"]))
+    with open(tmp_path / "test.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["index", "file", "bpd"]
+    assert [r["file"] for r in rows] == [str(tmp_path / "pngs" / "test" / f"{i}.png") for i in range(3)]
+    assert result["num_images"] == 3 and all(math.isfinite(float(r["bpd"])) for r in rows)
 
 
 # ---- scripts/ood_histogram.py -----------------------------------------------------------------------

@@ -88,7 +88,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if typical is not None:
         result["typicality"] = _typicality_summary(score, typical, typicality_cfg, seed)
     if csv_output is not None:
-        write_scores(csv_output, _per_image_columns(score, typical, _shows_iw(result), datamodule.num_classes))
+        write_scores(csv_output, _per_image_columns(score, typical, _shows_iw(result), datamodule.num_classes,
+                                                    datamodule.file_names(cfg.split)))
         result["csv"] = str(csv_output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
@@ -176,9 +177,12 @@ def _typicality_summary(score: SplitScore, typical: TypicalSet, options: DictCon
 
 
 def _per_image_columns(score: SplitScore, typical: TypicalSet | None, shows_iw: bool,
-                       num_classes: int | None) -> dict:
-    """CSV columns in dataset order (the evaluation loader reads the split in order, once)."""
+                       num_classes: int | None, files: list[str] | None) -> dict:
+    """CSV columns in dataset order (the evaluation loader reads the split in order, once); ``file``
+    names each image's file when the data is a folder of images."""
     columns = {"index": torch.arange(score.num_images)}
+    if files is not None:
+        columns["file"] = files
     if num_classes is not None:
         columns["label"] = score.labels
     columns["bpd"] = score.per_image_bpd

@@ -238,6 +238,10 @@ class ImageDataModule(L.LightningDataModule):
         """Every image of ``split`` exactly once, in order, never augmented: batches (levels, labels, indices)."""
         return self._eval_loader(self.eval_dataset(split))
 
+    def file_names(self, split: str) -> list[str] | None:
+        """The file of each image of ``split``, in ``eval_dataloader`` order (data=folder), else None."""
+        return folder.image_files(self.eval_dataset(split))
+
     def images(self, split: str, indices) -> torch.Tensor:
         """The integer images of ``split`` at ``indices``, stacked: uint8 (N, C, H, W)."""
         dataset = self.eval_dataset(split)

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from flowgen.data.errors import DatasetNotFoundError, corrupt
-from flowgen.data.splits import IndexedView, RawSplits, held_out_count, holdout
+from flowgen.data.splits import IndexedView, LevelImages, RawSplits, held_out_count, holdout
 from flowgen.data.transforms import resize_then_crop
 
 # torchvision's list plus GIF; matching ignores case (cameras write IMG_0001.JPG).
@@ -59,6 +59,20 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         return read_image(self.files[i]), self.labels[i]
+
+
+def image_files(split: Dataset) -> list[str] | None:
+    """The file each item of a split was read from, in the split's order; None when the split
+    does not come from image files (every dataset but ``folder``)."""
+    if isinstance(split, LevelImages):
+        files = image_files(split.source)
+        return None if files is None else files[: len(split)]
+    if isinstance(split, IndexedView):
+        files = image_files(split.source)
+        return None if files is None else [files[int(i)] for i in split.indices]
+    if isinstance(split, ImageFiles):
+        return [str(f) for f in split.files]
+    return None
 
 
 def class_names(directory: Path) -> list[str] | None:
