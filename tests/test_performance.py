@@ -23,7 +23,7 @@ from flowgen.benchmark.measure import (
     saved_activation_bytes,
 )
 from flowgen.benchmark.run import run_benchmark
-from flowgen.benchmark.workloads import variant_config
+from flowgen.benchmark.workloads import flowgen_workload, normflows_workload, variant_config
 from flowgen.cli import train as train_cli
 from flowgen.errors import UserError
 from flowgen.flows.nets import ActNormConv2d, GlowConditioner, ResNetConditioner, ZeroConv2d
@@ -234,6 +234,23 @@ def test_benchmark_writes_a_record_per_workload(tmp_path, capsys):
     # the invertible variant keeps far fewer activations for backward
     assert records[2]["saved_activation_bytes"] < records[0]["saved_activation_bytes"]
     assert "| flowgen | 32-true | 4 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("implementation", ["flowgen", "normflows"])
+def test_benchmark_steps_follow_the_runs_learning_rate_warmup(tmp_path, implementation):
+    """Both workloads step the training schedule: lr · (t + 1) / W at step t, so a deep Glow does not
+    diverge in the benchmark's first steps (K=32 at the full rate reached an inf loss in two)."""
+    if implementation == "normflows":
+        pytest.importorskip("normflows")
+    cfg = compose_train(tmp_path, ["model.levels=2", "model.steps=1", "model.hidden_channels=8", "data.batch_size=4",
+                                   "data.image_size=8", "scheduler.warmup_steps=4", "optimizer.lr=0.002"],
+                        config_name="benchmark")
+    workload = (flowgen_workload if implementation == "flowgen" else normflows_workload)(cfg, torch.device("cpu"))
+    rates = []
+    for _ in range(6):
+        rates.append(workload.optimizer.param_groups[0]["lr"])
+        assert torch.isfinite(workload.train_step())
+    assert rates == pytest.approx([0.0005, 0.001, 0.0015, 0.002, 0.002, 0.002])
 
 
 def test_benchmark_comparison_entries_are_checked(tmp_path):

@@ -23,6 +23,7 @@ from flowgen.errors import UserError
 from flowgen.evaluation import PRECISIONS, autocast_context
 from flowgen.likelihood import dequantize, nats_to_bpd
 from flowgen.training.nan_guard import gradients_are_finite
+from flowgen.training.schedules import warmup_then
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Workload:
     settings: dict
     model: torch.nn.Module
     parameters: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
     batch_size: int
     num_dims: int
     precision: str
@@ -68,10 +70,18 @@ def _optimizer_step(loss: torch.Tensor, parameters, optimizer, clip: float | Non
     optimizer.zero_grad(set_to_none=True)
 
 
-def _train_step(forward_loss, parameters, optimizer, clip, scaler, guard: bool) -> Callable[[], torch.Tensor]:
+def _train_step(forward_loss, parameters, optimizer, clip, scaler, guard: bool, cfg: DictConfig
+                ) -> Callable[[], torch.Tensor]:
+    """One training step as the trainer runs it, learning-rate schedule included: the run's linear
+    warm-up (``scheduler.warmup_steps``, then constant). A deep flow at the full rate from its first
+    step can diverge within the benchmark's few steps (Glow K=32 did, to an inf loss), and a
+    diverged model times other code paths than a training one."""
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then("constant", int(cfg.scheduler.warmup_steps)))
+
     def train_step() -> torch.Tensor:
         loss = forward_loss()
         _optimizer_step(loss, parameters, optimizer, clip, scaler, guard)
+        schedule.step()
         return loss.detach()
     return train_step
 
@@ -115,7 +125,7 @@ def flowgen_workload(cfg: DictConfig, device: torch.device, name: str = "flowgen
             nll = module.nll_nats((pixels, None))
         return nats_to_bpd(nll, module.num_dims).mean()
 
-    train_step = _train_step(forward_loss, parameters, optimizer, clip, scaler, guard)
+    train_step = _train_step(forward_loss, parameters, optimizer, clip, scaler, guard, cfg)
     sample = _sampler(module, lambda n: module.sample_pixels(n, float(cfg.benchmark.temperature)), device, precision)
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
@@ -133,8 +143,8 @@ def flowgen_workload(cfg: DictConfig, device: torch.device, name: str = "flowgen
         "gradient_clip_val": clip,
         "nan_guard": guard,
     }
-    return Workload(name=name, settings=settings, model=module.model, parameters=parameters, batch_size=batch_size,
-                    num_dims=module.num_dims, precision=precision, train_step=train_step,
+    return Workload(name=name, settings=settings, model=module.model, parameters=parameters, optimizer=optimizer,
+                    batch_size=batch_size, num_dims=module.num_dims, precision=precision, train_step=train_step,
                     forward_loss=forward_loss, sample=sample, keep_freed_cpu_memory=_keeps_freed_cpu_memory(cfg))
 
 
@@ -202,7 +212,7 @@ def normflows_workload(cfg: DictConfig, device: torch.device, name: str = "normf
             nll = -model.log_prob(y, None) + num_dims * math.log(num_levels)
         return nats_to_bpd(nll, num_dims).mean()
 
-    train_step = _train_step(forward_loss, parameters, optimizer, clip, scaler, guard=False)
+    train_step = _train_step(forward_loss, parameters, optimizer, clip, scaler, False, cfg)
     sample = _sampler(model, lambda n: model.sample(n, temperature=float(cfg.benchmark.temperature))[0], device,
                       precision)
 
@@ -215,9 +225,9 @@ def normflows_workload(cfg: DictConfig, device: torch.device, name: str = "normf
         "gradient_clip_val": clip, "keep_freed_cpu_memory": _keeps_freed_cpu_memory(cfg),
     }
     # the same process setting as the flowgen workload it is compared with
-    return Workload(name=name, settings=settings, model=model, parameters=parameters, batch_size=batch_size,
-                    num_dims=num_dims, precision=precision, train_step=train_step, forward_loss=forward_loss,
-                    sample=sample, keep_freed_cpu_memory=_keeps_freed_cpu_memory(cfg))
+    return Workload(name=name, settings=settings, model=model, parameters=parameters, optimizer=optimizer,
+                    batch_size=batch_size, num_dims=num_dims, precision=precision, train_step=train_step,
+                    forward_loss=forward_loss, sample=sample, keep_freed_cpu_memory=_keeps_freed_cpu_memory(cfg))
 
 
 def variant_config(cfg: DictConfig, overrides: str) -> DictConfig:
