@@ -8,6 +8,7 @@ Every flow layer maps data towards the latent space in ``forward`` and back in `
 
 ``invert`` is what sampling, reconstruction and invertible backprop call: they never use the
 log-determinant, and a coupling's costs a pass over its activations (a spline's, several).
+
 The log-determinant is always accumulated in float32 (float64 when the input is float64),
 whatever precision the activations run in, so that likelihood sums never lose bits to bf16.
 Composition sums log-determinants; nothing else is needed to build a model.
