@@ -70,13 +70,13 @@ def _optimizer_step(loss: torch.Tensor, parameters, optimizer, clip: float | Non
     optimizer.zero_grad(set_to_none=True)
 
 
-def _train_step(forward_loss, parameters, optimizer, clip, scaler, guard: bool, cfg: DictConfig
+def _train_step(forward_loss, parameters, optimizer, clip, scaler, guard: bool, warmup_steps: int
                 ) -> Callable[[], torch.Tensor]:
     """One training step as the trainer runs it, learning-rate schedule included: the run's linear
     warm-up (``scheduler.warmup_steps``, then constant). A deep flow at the full rate from its first
     step can diverge within the benchmark's few steps (Glow K=32 did, to an inf loss), and a
     diverged model times other code paths than a training one."""
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then("constant", int(cfg.scheduler.warmup_steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then("constant", warmup_steps))
 
     def train_step() -> torch.Tensor:
         loss = forward_loss()
@@ -125,7 +125,8 @@ def flowgen_workload(cfg: DictConfig, device: torch.device, name: str = "flowgen
             nll = module.nll_nats((pixels, None))
         return nats_to_bpd(nll, module.num_dims).mean()
 
-    train_step = _train_step(forward_loss, parameters, optimizer, clip, scaler, guard, cfg)
+    train_step = _train_step(forward_loss, parameters, optimizer, clip, scaler, guard,
+                             int(cfg.scheduler.warmup_steps))
     sample = _sampler(module, lambda n: module.sample_pixels(n, float(cfg.benchmark.temperature)), device, precision)
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
@@ -212,7 +213,8 @@ def normflows_workload(cfg: DictConfig, device: torch.device, name: str = "normf
             nll = -model.log_prob(y, None) + num_dims * math.log(num_levels)
         return nats_to_bpd(nll, num_dims).mean()
 
-    train_step = _train_step(forward_loss, parameters, optimizer, clip, scaler, False, cfg)
+    train_step = _train_step(forward_loss, parameters, optimizer, clip, scaler, False,
+                             int(cfg.scheduler.warmup_steps))
     sample = _sampler(model, lambda n: model.sample(n, temperature=float(cfg.benchmark.temperature))[0], device,
                       precision)
 

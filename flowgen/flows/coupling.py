@@ -134,9 +134,10 @@ class Coupling(Flow):
                                              derivative=derivative)
         shift, log_scale = params
         if inverse:  # sigmoid: z = (x + t) · e^s;  tanh: z = x · e^s + t
-            inverse_scale = (-log_scale).exp()
+            neg_log_scale = -log_scale  # the inverse's log-derivative, and its scale's exponent
+            inverse_scale = neg_log_scale.exp()
             x_b = x_b * inverse_scale - shift if self.scale == "sigmoid" else (x_b - shift) * inverse_scale
-            return x_b, (-log_scale if derivative else None)
+            return x_b, (neg_log_scale if derivative else None)
         if self.scale == "sigmoid":
             return (x_b + shift) * log_scale.exp(), log_scale
         return x_b * log_scale.exp() + shift, log_scale
