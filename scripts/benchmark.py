@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 import flowgen.cli  # noqa: F401  (registers the config resolvers)
 from flowgen.benchmark.run import run_benchmark
 from flowgen.cli.errors import run_reporting_errors
-from flowgen.cli.overrides import refuse_unknown_choices
+from flowgen.cli.launch import run_entry_point
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="benchmark")
@@ -23,5 +23,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    refuse_unknown_choices()
-    main()
+    run_entry_point(main)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from flowgen.cli.errors import EXIT_USER_ERROR, run_reporting_errors
+from flowgen.cli.launch import startup_error
 from flowgen.cli.overrides import unknown_choice
 from flowgen.cli.train import build_module, train
 from tests.fake_datasets import write_png
@@ -20,9 +21,16 @@ from tests.test_configs import compose_train
 
 
 def run_train(tmp_path, capsys, overrides) -> str:
-    """train.py's path in process; returns the single error line."""
-    cfg = compose_train(tmp_path, ["logger=csv", "~callbacks.rich_progress_bar", "trainer.max_steps=1",
-                                   "trainer.accelerator=cpu", *overrides])
+    """train.py's path in process (compose: a wrong type or choice is caught as run_entry_point catches it;
+    then the task through run_reporting_errors); returns the single error line."""
+    try:
+        cfg = compose_train(tmp_path, ["logger=csv", "~callbacks.rich_progress_bar", "trainer.max_steps=1",
+                                       "trainer.accelerator=cpu", *overrides])
+    except Exception as exc:  # noqa: BLE001 - what Hydra raises while composing
+        message = startup_error(exc)
+        assert message is not None, f"no one-line message for {exc!r}"
+        assert "\n" not in message
+        return f"error: {message}"
     with pytest.raises(SystemExit) as exit_info:
         run_reporting_errors(train, cfg)
     assert exit_info.value.code == EXIT_USER_ERROR
@@ -57,18 +65,49 @@ def image_folders(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["model=glow", "model.levels=4"], "image_size=8 is not divisible by 16"),
-    (["data=cifar10", "data.n_bits=9"], "n_bits=9 must be an int in 1..8"),
+    (["data=cifar10", "data.n_bits=9"], "data.n_bits=9 must be in [1, 8]"),
     (["data=cifar10", "data.download=false"], "cifar10 files not found in"),
-    (["data.batch_size=0"], "data.batch_size=0 must be an int >= 1"),
-    (["data.num_workers=-1"], "data.num_workers=-1 must be an int >= 0"),
-    (["callbacks.samples.temperatures=[0.7,-1]"], "temperatures must be >= 0"),
-    (["trainer.precision=17"], "precision"),
-    (["scheduler.schedule=linear"], "unknown learning-rate schedule 'linear'"),
-    (["optimizer.lr=-0.001"], "learning rate"),
-    (["model.coupling=spline2"], "coupling"),
-    (["ema_decay=1.5"], "ema_decay must be in (0, 1)"),
+    (["data.batch_size=0"], "data.batch_size=0 must be >= 1"),
+    (["data.num_workers=-1"], "data.num_workers=-1 must be >= 0"),
+    (["callbacks.samples.temperatures=[0.7,-1]"], "callbacks.samples.temperatures=[0.7, -1.0] has an element that "
+                                                  "must be >= 0"),
+    (["callbacks.samples.temperatures=[nan]"], "callbacks.samples.temperatures=[nan] has an element that must be a "
+                                               "finite number"),
+    (["callbacks.samples.temperatures=[]"], "callbacks.samples.temperatures=[] must not be empty"),
+    (["trainer.precision=17"], "trainer.precision=17 is not one of 32-true"),
+    (["trainer.precision=16-mixed"], "trainer.precision=16-mixed needs a CUDA GPU"),
+    (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 must be >= 1"),
+    (["trainer.max_steps=-2"], "trainer.max_steps=-2 must be >= -1"),
+    (["trainer.limit_val_batches=1.5"], "trainer.limit_val_batches=1.5 must be a number of batches"),
+    (["scheduler.schedule=linear"], "scheduler.schedule=linear: scheduler.schedule must be one of constant, cosine"),
+    (["scheduler.warmup_steps=-1"], "scheduler.warmup_steps=-1 must be >= 0"),
+    (["optimizer.lr=-0.001"], "optimizer.lr=-0.001 must be > 0"),
+    (["optimizer.lr=0"], "optimizer.lr=0.0 must be > 0"),
+    (["optimizer.lr=inf"], "optimizer.lr=inf must be a finite number"),
+    (["optimizer.lr=fast"], "optimizer.lr=fast: optimizer.lr must be a number"),
+    (["optimizer.betas=[0.9,1.5]"], "optimizer.betas=[0.9, 1.5] has an element that must be in [0, 1)"),
+    (["model.coupling=spline2"], "model.coupling=spline2: model.coupling must be one of affine, additive, spline"),
+    (["model.permutation=random"], "model.permutation must be one of lu, conv, shuffle, reverse"),
+    (["model.memory=none"], "model.memory must be one of standard, checkpoint, invertible"),
+    (["model.stpes=4"], "model.stpes: model has no key 'stpes'; its keys are in_channels, image_size, levels, steps"),
+    (["model.steps=0"], "model.steps=0 must be >= 1"),
+    (["model.steps=eight"], "model.steps=eight: model.steps must be an integer"),
+    (["performance.compile=all"], "performance.compile must be one of none, step, model"),
+    (["ema_decay=1.5"], "ema_decay=1.5 must be strictly between 0 and 1"),
+    (["ema_decay=0"], "ema_decay=0.0 must be strictly between 0 and 1"),
+    (["seed=abc"], "seed=abc: seed must be an integer"),
+    (["overwrite=maybe"], "overwrite=maybe: overwrite must be a boolean"),
+    (["train=nope"], "train=nope: train must be a boolean"),
+    (["lr_scaling.rule=cubic"], "lr_scaling.rule must be one of none, linear, sqrt"),
+    (["lr_scaling.base_batch_size=0"], "lr_scaling.base_batch_size=0 must be >= 1"),
+    (["data=folder"], "data.path is required and has no value: set data.path=<value>"),
+    (["data.val_size=-3"], "data.val_size=-3 must be a count >= 0 or a fraction in [0, 1)"),
+    (["data.channels=2"], "data.channels=2 is not one of 1, 3"),
+    (["callbacks.nan_guard.max_consecutive=0"], "callbacks.nan_guard.max_consecutive=0 must be >= 1"),
     (["ckpt_path=/nonexistent/run.ckpt"], "no such checkpoint file or run directory"),
     (["model.num_classes=7"], "model.num_classes=7 but data=digits has 10 classes"),
+    (["+foo=1"], "foo is not a setting of the top level (TrainConfig); its keys are task_name, run_name"),
+    (["+model.stpes=4"], "model.stpes is not a setting of model (GlowConfig); its keys are in_channels"),
 ])
 def test_configuration_mistakes(tmp_path, capsys, overrides, message):
     assert message in run_train(tmp_path, capsys, overrides)
@@ -97,7 +136,7 @@ def test_a_truncated_checkpoint(tmp_path, capsys):
     path = tmp_path / "cut.ckpt"
     torch.save(_checkpoint_of(tmp_path), path)
     path.write_bytes(path.read_bytes()[:4000])
-    assert "cannot be read (truncated or not a checkpoint)" in run_train(tmp_path, capsys, [f"ckpt_path={path}"])
+    assert "cannot be read: it is truncated" in run_train(tmp_path, capsys, [f"ckpt_path={path}"])
 
 
 def test_a_checkpoint_of_another_architecture_names_the_shapes(tmp_path, capsys):

@@ -509,6 +509,7 @@ def load_config(name: str, data_dir: Path, path: Path) -> object:
     """configs/data/<name>.yaml under a minimal parent config that defines paths.data_dir."""
     cfg = OmegaConf.create({"paths": {"data_dir": str(data_dir)}})
     cfg.data = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
+    cfg.data.pop("defaults")  # its schema (flowgen/config/schema.py); composing is tested in test_configs
     if name == "folder":
         cfg.data.path = str(path)
     return cfg.data

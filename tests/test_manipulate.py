@@ -194,7 +194,7 @@ def test_strip_end_to_end_and_cached_direction(trained_digits, digits, tmp_path,
     (["attribute=3", "num_images=2"], "no image of class 3 among the first 2 val images"),
     (["attribute=3", "image=297"], "image=297 is outside the val split (0..296)"),
     (["attribute=3", "image=nowhere.png"], "neither an index in the val split nor an image file"),
-    (["attribute=3", "alphas=[]"], "alphas=[] must be a non-empty list of numbers"),
+    (["attribute=3", "alphas=[]"], "alphas=[] must not be empty"),
     (["image=0"], "attribute is required"),
 ])
 def test_mistakes_end_in_one_line(trained_digits, tmp_path, capsys, args, message):

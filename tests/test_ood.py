@@ -100,7 +100,6 @@ def test_variational_csv_has_the_importance_weighted_column(trained_conditional,
 
 
 @pytest.mark.parametrize("args, message", [
-    (["typicality.split=holdout"], "typicality.split='holdout'"),
     (["typicality.fpr=1.5"], "strictly between 0 and 1"),
     (["typicality.batch_sizes=[1,0]"], "typicality.batch_sizes=[1, 0]"),
     (["typicality.max_images=0"], "typicality.max_images=0"),
@@ -256,8 +255,8 @@ def test_typicality_cache_is_keyed_by_the_checkpoint(trained_digits, tmp_path):
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes((trained_digits.run_dir / "checkpoints" / "last.ckpt").read_bytes())
-    overrides = [f"ckpt_path={run_dir}", "split=val", "typicality.max_images=50", "typicality.batch_sizes=[]",
-                 "csv=false", f"output={tmp_path / 'e.json'}"]
+    overrides = [f"ckpt_path={run_dir}", "which=last", "split=val", "typicality.max_images=50",
+                 "typicality.batch_sizes=[]", "csv=false", f"output={tmp_path / 'e.json'}"]
     first = evaluate(composed("evaluate", overrides))
     cache = json.loads((run_dir / "checkpoints" / "last.typical-ema-val.json").read_text())
     assert cache["num_images"] == 50 and cache["typical_bpd"] == first["typicality"]["typical_bpd"]

@@ -37,6 +37,7 @@ from flowgen.benchmark.measure import (
 )
 from flowgen.benchmark.workloads import Workload, build_workloads
 from flowgen.cli.restore import resolve_device
+from flowgen.config.checks import validated
 from flowgen.errors import UserError
 from flowgen.evaluation import PRECISIONS
 from flowgen.performance import keep_freed_cpu_memory
@@ -143,6 +144,9 @@ def markdown_table(records: list[dict]) -> str:
 
 def run_benchmark(cfg: DictConfig) -> list[dict]:
     """Build, measure, print the table and write ``benchmark.output`` (JSON)."""
+    cfg = validated(cfg)  # types and ranges: flowgen/config/tool_schemas.py BenchmarkConfig
+    if Path(cfg.benchmark.output).expanduser().is_dir():
+        raise UserError(f"benchmark.output={cfg.benchmark.output} is a directory; give the path of the JSON file")
     device = resolve_device(cfg.benchmark.device)
     torch.set_float32_matmul_precision("high")  # as train.py: TF32 matmuls on GPUs that have them
     workloads = build_workloads(cfg, device)

@@ -5,9 +5,16 @@ from datetime import datetime
 
 from omegaconf import OmegaConf
 
+from flowgen.config import schema
+from flowgen.config.checks import PATH_COMPONENT
+from flowgen.errors import UserError
+
 
 def _run_dir_name(name) -> str:
-    """A run directory named by ``run_name`` when set (deterministic), else by the start time."""
+    """A run directory named by ``run_name`` when set (deterministic), else by the start time.
+    Checked here, where Hydra builds the path, so that a bad name never creates a directory."""
+    if name and not PATH_COMPONENT.test(str(name)):
+        raise UserError(f"run_name={name} {PATH_COMPONENT.rule}")
     return str(name) if name else datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
@@ -18,3 +25,8 @@ if not OmegaConf.has_resolver("run_dir_name"):
 # when a sweeper such as Optuna reads hydra.sweep.dir at start-up).
 if not OmegaConf.has_resolver("launch_dir"):
     OmegaConf.register_new_resolver("launch_dir", os.getcwd, use_cache=True)
+
+# the typed schemas the config files name in their defaults lists (flowgen/config/schema.py)
+schema.register()
+# the other entry points' schemas: registered when imported (their enums use registries of flowgen.cli's tools)
+from flowgen.config import tool_schemas  # noqa: E402,F401

@@ -1,53 +1,20 @@
-"""Finding the checkpoint to resume from, and protecting the checkpoints of existing runs."""
+"""Reading a checkpoint safely (or saying exactly why it cannot be read), checking it fits the model,
+and protecting the checkpoints of existing runs. Where a run keeps them: flowgen/cli/run_files.py."""
 
 from __future__ import annotations
 
-import pickle
-import zipfile
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from flowgen.cli import checkpoint_files
 from flowgen.cli.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
 CONFIG_FILE = "config.yaml"  # the run's resolved config, next to its checkpoints
-
-
-def find_in_run_dir(run_dir: Path) -> Path | None:
-    """<run_dir>/checkpoints/last.ckpt (or <run_dir>/last.ckpt), if present."""
-    for candidate in (run_dir / CHECKPOINT_DIR / LAST, run_dir / LAST):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from.
-
-    ``None``: start fresh.  ``last``: this run directory's last.ckpt, or a fresh start with a
-    notice when there is none yet (so it can be set permanently, e.g. for requeued jobs).
-    A ``.ckpt`` file: that file.  A directory: that run's last.ckpt.
-    """
-    if ckpt_path is None or str(ckpt_path) == "":
-        return None
-    if str(ckpt_path) == "last":
-        found = find_in_run_dir(run_dir)
-        if found is None:
-            print(f"ckpt_path=last: no checkpoint in {run_dir / CHECKPOINT_DIR} yet, starting a fresh run", flush=True)
-        return found
-    path = Path(ckpt_path).expanduser()
-    if path.is_dir():
-        found = find_in_run_dir(path)
-        if found is None:
-            raise UserError(f"ckpt_path={ckpt_path}: the directory holds no {CHECKPOINT_DIR}/{LAST}; "
-                            "pass a .ckpt file or a run directory that has one")
-        return found
-    if not path.is_file():
-        raise UserError(f"ckpt_path={ckpt_path}: no such checkpoint file or run directory")
-    return path
 
 
 def refuse_to_overwrite(run_dir: Path) -> None:
@@ -61,23 +28,29 @@ def refuse_to_overwrite(run_dir: Path) -> None:
 
 
 def load_checkpoint(ckpt: Path, mmap: bool = False) -> dict:
-    """The checkpoint's dictionary, unpickled safely (tensors and plain data only), or one clear error.
+    """The checkpoint's dictionary, unpickled safely (tensors and plain data only), or one clear error
+    naming what the file actually is (told by ``flowgen.cli.checkpoint_files`` once loading has failed).
 
     ``mmap=True`` maps the tensors instead of reading them: a cheap check of a checkpoint before
     Lightning loads it for real (a truncated file fails here, in its zip directory).
     """
+    def load(mmap: bool):
+        with warnings.catch_warnings():  # torch's note on an unusual pickle protocol; the error below says more
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            return torch.load(ckpt, map_location="cpu", weights_only=True, mmap=mmap)
+
     try:
-        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as exc:
-        if "weights only load failed" in str(exc).lower():
-            raise UserError(f"checkpoint {ckpt} was refused: it carries pickled Python objects that could run code "
-                            "when loaded, and flowgen only loads tensors and plain data; use a checkpoint that "
-                            "flowgen wrote") from None
-        raise UserError(f"checkpoint {ckpt} cannot be read: not a checkpoint file ({_one_line(exc)})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise UserError(f"checkpoint {ckpt} cannot be read (truncated or not a checkpoint): {_one_line(exc)}") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UserError(f"checkpoint {ckpt} has no model weights (state_dict); it is not a Lightning checkpoint")
+        try:
+            checkpoint = load(mmap)
+        except RuntimeError:
+            if not mmap or checkpoint_files.is_zip(ckpt):
+                raise
+            checkpoint = load(False)  # torch maps only its zip format; a file in the older format is read
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many kinds on a bad file; the bytes tell which
+        raise UserError(checkpoint_files.why_unreadable(ckpt, exc)) from None
+    problem = checkpoint_files.why_not_a_checkpoint(checkpoint)
+    if problem is not None:
+        raise UserError(f"checkpoint {ckpt} {problem}")
     return checkpoint
 
 

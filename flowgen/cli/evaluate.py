@@ -20,6 +20,7 @@ from rich.table import Table
 from flowgen.cli.errors import UserError, one_line
 from flowgen.cli.restore import RestoredRun, instantiate_data, resolve_device, restore_run
 from flowgen.cli.typical_set import TypicalSet, typical_set
+from flowgen.config.checks import validated
 from flowgen.evaluation import SplitScore, autocast_context, evaluate_split
 from flowgen.ood import batch_test, typicality, write_scores
 
@@ -28,15 +29,15 @@ SPLITS = ("train", "val", "test")
 
 def evaluate(cfg: DictConfig) -> dict:
     """Score the checkpoint on ``split`` of the run's data (or of ``data=...``); print a table, write JSON and CSV."""
-    if cfg.split not in SPLITS:
-        raise UserError(f"split={cfg.split!r}; choose one of {', '.join(SPLITS)}")
-    typicality_cfg = _typicality_options(cfg)
+    cfg = validated(cfg)  # types and ranges: flowgen/config/tool_schemas.py EvaluateConfig
+    typicality_cfg = cfg.typicality if cfg.typicality.get("split") is not None else None
+    if cfg.get("output") and Path(cfg.output).expanduser().is_dir():
+        raise UserError(f"output={cfg.output} is a directory; give the path of the JSON file to write")
     device = resolve_device(cfg.device)
-    run = restore_run(cfg.ckpt_path, use_ema=cfg.use_ema, device=device)
+    run = restore_run(cfg.ckpt_path, use_ema=cfg.use_ema, device=device, which=cfg.which)
+    print(run.describe(device), flush=True)
     num_samples = cfg.num_samples if cfg.num_samples is not None else _run_eval(run, "num_samples", 1)
     seed = cfg.seed if cfg.seed is not None else _run_eval(run, "seed", 0)
-    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-        raise UserError(f"num_samples={num_samples!r} must be an integer >= 1")
 
     precision = str(cfg.get("precision") or "32-true")
     try:  # the same checks evaluate_split makes, before any data is loaded
@@ -123,37 +124,17 @@ def _own_data(run: RestoredRun, batch_size: int | None):
                         "typicality.split=null") from exc
 
 
-def _typicality_options(cfg: DictConfig) -> DictConfig | None:
-    """``typicality``, checked before anything is loaded; None when ``typicality.split`` is null (no typicality)."""
-    options = cfg.get("typicality")
-    if options is None or options.get("split") is None:
-        return None
-    if options.split not in SPLITS:
-        raise UserError(f"typicality.split={options.split!r}; choose one of {', '.join(SPLITS)}, or null for no "
-                        "typicality")
-    max_images = options.get("max_images")
-    if max_images is not None and (not isinstance(max_images, int) or isinstance(max_images, bool) or max_images < 1):
-        raise UserError(f"typicality.max_images={max_images!r} must be an integer >= 1, or null for the whole split")
-    fpr = options.get("fpr")
-    if not isinstance(fpr, int | float) or isinstance(fpr, bool) or not 0 < fpr < 1:
-        raise UserError(f"typicality.fpr={fpr!r} must be a false-positive rate strictly between 0 and 1, e.g. 0.01")
-    sizes = options.get("batch_sizes") or []
-    if any(not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in sizes):
-        raise UserError(f"typicality.batch_sizes={list(sizes)} must be a list of integers >= 1, e.g. [1,10]")
-    return options
-
-
 def _csv_path(option, output: Path) -> Path | None:
     """``csv``: true = beside the JSON (same name, .csv), a path, or false/null for none."""
     if option is None or option is False:
         return None
     if option is True:
         return output.with_suffix(".csv")
-    if not isinstance(option, str) or not option:
-        raise UserError(f"csv={option!r}; use csv=true (beside the JSON), csv=<path.csv> or csv=false")
     path = Path(option).expanduser()
     if path.resolve() == output.resolve():
         raise UserError(f"csv={option} is the JSON output's path too; give the CSV another name")
+    if path.is_dir():
+        raise UserError(f"csv={option} is a directory; give the path of the CSV file to write")
     return path
 
 

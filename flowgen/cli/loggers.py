@@ -6,11 +6,12 @@ import netrc
 import os
 import secrets
 import string
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 WANDB_ID_FILE = "wandb_id.txt"
 
@@ -44,11 +45,41 @@ def build_loggers(logger_cfg: DictConfig | None, run_dir: Path) -> list:
             continue
         kwargs = {}
         if cfg._target_.endswith("WandbLogger"):
+            if cfg.get("quiet"):  # wandb's own start and summary lines: flowgen says where the run is
+                kwargs["settings"] = {"quiet": True}
+            cfg = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "quiet"})
             kwargs["id"] = cfg.get("id") or wandb_run_id(run_dir)
             kwargs["resume"] = "allow"
             if not cfg.get("offline") and os.environ.get("WANDB_MODE") is None and not wandb_has_credentials():
                 print("wandb: no credentials found (WANDB_API_KEY or `wandb login`), logging offline to "
                       f"{run_dir}/wandb; upload later with `wandb sync`", flush=True)
                 kwargs["offline"] = True
-        loggers.append(instantiate(cfg, **kwargs))
+        logger = instantiate(cfg, **kwargs)
+        if cfg._target_.endswith("WandbLogger"):
+            _leave_out_unset_anonymous(logger)
+        loggers.append(logger)
     return loggers
+
+
+def _leave_out_unset_anonymous(logger) -> None:
+    """Lightning's WandbLogger passes ``anonymous=None`` to ``wandb.init`` even when nobody set it,
+    and wandb warns for any value given ("The anonymous setting has no effect and will be removed
+    in a future version", wandb.termwarn in wandb/sdk/wandb_settings.py). Leave the unset value
+    out; an explicit ``anonymous`` still reaches wandb (and its warning)."""
+    init_kwargs = getattr(logger, "_wandb_init", None)
+    if isinstance(init_kwargs, dict) and "anonymous" in init_kwargs and init_kwargs["anonymous"] is None:
+        del init_kwargs["anonymous"]
+
+
+def finish_wandb_run(exit_code: int = 0) -> None:
+    """Finish this process's wandb run, if it has one, before the process exits.
+
+    Left to the exit, the run is finished by the ``wandb-core`` service, which writes its closing
+    lines ("You can sync this run ...") with ANSI colour codes whether or not stderr is a
+    terminal; finished from Python, the same lines go through wandb's terminal check and a log
+    file gets plain text. It also ends the run between the jobs of a Hydra multirun, so the next
+    job's WandbLogger starts its own run instead of reusing this one."""
+    wandb = sys.modules.get("wandb")  # never import wandb just to find that no run exists
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is not None:
+        run.finish(exit_code=exit_code)

@@ -29,6 +29,7 @@ from flowgen.attributes import (
 )
 from flowgen.cli.errors import UserError
 from flowgen.cli.restore import RestoredRun, instantiate_data, resolve_device, restore_run
+from flowgen.config.checks import validated
 from flowgen.data.splits import WithIndex
 from flowgen.data.transforms import ToUint8Image, resize_then_crop
 from flowgen.likelihood import to_unit_interval
@@ -47,17 +48,26 @@ class Groups:
 
 def edit_attribute(cfg: DictConfig) -> list[Path]:
     """Write the strip of ``cfg.image`` moved along ``cfg.attribute``; returns (and prints) its path."""
-    _check(cfg)
+    cfg = validated(cfg)  # types and ranges: flowgen/config/tool_schemas.py ManipulateConfig
+    if cfg.get("attribute") is None:
+        raise UserError("attribute is required: a class (e.g. attribute=3) or a CelebA attribute (attribute=Smiling)")
+    given_dir = Path(cfg.output_dir).expanduser() if cfg.get("output_dir") else None
+    if given_dir is not None and given_dir.exists() and not given_dir.is_dir():
+        raise UserError(f"output_dir={cfg.output_dir} is a file; give a directory (it is created when missing)")
     device = resolve_device(cfg.device)
-    run = restore_run(cfg.ckpt_path, use_ema=cfg.use_ema, device=device)
+    run = restore_run(cfg.ckpt_path, use_ema=cfg.use_ema, device=device, which=cfg.which)
     datamodule = instantiate_data(run.cfg.data)
     dataset = datamodule.eval_dataset(cfg.split)
     groups = attribute_groups(datamodule, cfg.split, cfg.attribute, cfg.get("versus"))
     # the image is checked before the (long) encoding of the split
     levels, image_tag = _image(cfg.image, datamodule, cfg.split)
-    out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else run.run_dir / "generated"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"checkpoint: {run.ckpt} ({run.weights} weights, {device})", flush=True)
+    out_dir = given_dir or run.run_dir / "generated"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file on the way, no permission
+        raise UserError(f"output_dir={out_dir} cannot be created ({exc.strerror}); give a directory you can "
+                        "write to") from None
+    print(run.describe(device), flush=True)
 
     num_images = len(dataset) if cfg.num_images is None else min(cfg.num_images, len(dataset))
     direction, counts = _cached_direction(cfg, run, dataset, groups, num_images, out_dir, device)
@@ -71,22 +81,6 @@ def edit_attribute(cfg: DictConfig) -> list[Path]:
     save_image(image_grid(pixels, len(alphas), cfg.upscale), path)
     print(f"wrote {path}", flush=True)
     return [path]
-
-
-def _check(cfg: DictConfig) -> None:
-    def is_int(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    if cfg.get("attribute") is None:
-        raise UserError("attribute is required: a class (e.g. attribute=3) or a CelebA attribute (attribute=Smiling)")
-    alphas = list(cfg.alphas) if cfg.alphas is not None else []
-    if not alphas or any(not isinstance(a, int | float) or isinstance(a, bool) for a in alphas):
-        raise UserError(f"alphas={alphas} must be a non-empty list of numbers, e.g. [-1,-0.5,0,0.5,1]")
-    for key in ("upscale", "batch_size"):
-        if not is_int(cfg[key]) or cfg[key] < 1:
-            raise UserError(f"{key}={cfg[key]!r} must be an integer >= 1")
-    if cfg.num_images is not None and (not is_int(cfg.num_images) or cfg.num_images < 1):
-        raise UserError(f"num_images={cfg.num_images!r} must be an integer >= 1 (or null: the whole split)")
 
 
 def attribute_groups(datamodule, split: str, attribute, versus=None) -> Groups:

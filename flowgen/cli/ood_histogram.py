@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flowgen.cli.errors import UserError
+from flowgen.config.checks import validated
 from flowgen.ood import auroc, read_scores
 
 SCORES = {"bpd": "bpd (ELBO), bits / dim", "typicality": "typicality |bpd - H|, bits / dim"}
@@ -24,14 +25,15 @@ SCORES = {"bpd": "bpd (ELBO), bits / dim", "typicality": "typicality |bpd - H|, 
 
 def ood_histogram(cfg: DictConfig) -> dict:
     """Write the figure, print the AUROC table; returns {other set: {score: AUROC}}."""
+    cfg = validated(cfg)  # types and ranges: flowgen/config/tool_schemas.py OodHistogramConfig
     if not cfg.get("in_csv"):
         raise UserError("in_csv is required: the CSV evaluate.py wrote for the in-distribution data")
     others = cfg.get("ood_csv")
     others = list(others) if isinstance(others, ListConfig | list) else [others] if others else []
     if not others:
         raise UserError("ood_csv is required: one CSV of evaluate.py, or a list ood_csv=[a.csv,b.csv]")
-    if not isinstance(cfg.bins, int) or isinstance(cfg.bins, bool) or cfg.bins < 1:
-        raise UserError(f"bins={cfg.bins!r} must be an integer >= 1")
+    if cfg.get("output") and Path(cfg.output).expanduser().is_dir():
+        raise UserError(f"output={cfg.output} is a directory; give the path of the PNG file to write")
     sets = {_name(path): read_scores(path) for path in [cfg.in_csv, *others]}
     if len(sets) != 1 + len(others):
         raise UserError("two of the CSVs have the same name; give each set its own file name")

@@ -10,14 +10,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from flowgen.cli.checkpoints import (
-    CHECKPOINT_DIR,
-    CONFIG_FILE,
-    check_state_matches,
-    find_in_run_dir,
-    load_checkpoint,
-)
+from flowgen.cli.checkpoints import check_state_matches, load_checkpoint
 from flowgen.cli.errors import UserError
+from flowgen.cli.run_files import CONFIG_FILE, find_checkpoint, run_dir_of
 from flowgen.training import FlowModule
 
 
@@ -30,11 +25,16 @@ class RestoredRun:
     ckpt: Path
     run_dir: Path
     use_ema: bool
+    which: str = "the file given"  # which of the run's checkpoints this is, and why (find_checkpoint's note)
 
     @property
     def model(self) -> nn.Module:
         """The weights to use: the EMA copy when the run kept one and ``use_ema`` is set."""
         return self.module.eval_model if self.use_ema else self.module.model
+
+    def describe(self, device) -> str:
+        """The line every tool prints first: which file, why that one, which weights, where."""
+        return f"checkpoint: {self.ckpt} ({self.which}; {self.weights} weights, {device})"
 
     @property
     def uses_ema(self) -> bool:
@@ -53,48 +53,51 @@ class RestoredRun:
                 "weights": self.weights}
 
 
-def find_checkpoint(ckpt_path: str | Path) -> Path:
-    """A .ckpt file as given, or a run directory's last checkpoint (else its newest one)."""
-    if ckpt_path is None or str(ckpt_path) in ("", "???"):
-        raise UserError("ckpt_path is required: a run directory or a .ckpt file, e.g. ckpt_path=logs/train/runs/<run>")
-    path = Path(str(ckpt_path)).expanduser()
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise UserError(f"ckpt_path={ckpt_path}: no such checkpoint file or run directory")
-    last = find_in_run_dir(path)
-    if last is not None:
-        return last
-    found = sorted(path.glob(f"{CHECKPOINT_DIR}/*.ckpt"), key=lambda p: p.stat().st_mtime) or sorted(
-        path.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise UserError(f"ckpt_path={ckpt_path}: the run directory holds no checkpoint ({CHECKPOINT_DIR}/*.ckpt); "
-                        "train it first or pass a .ckpt file")
-    return found[-1]
-
-
-def run_dir_of(ckpt: Path) -> Path:
-    """<run>/checkpoints/x.ckpt -> <run>; a checkpoint elsewhere -> its own directory."""
-    return ckpt.parent.parent if ckpt.parent.name == CHECKPOINT_DIR else ckpt.parent
-
-
 def run_config(checkpoint: dict, ckpt: Path) -> DictConfig:
-    """The configuration the checkpoint was trained with: the copy inside it, else the run's config.yaml."""
-    saved = (checkpoint.get("hyper_parameters") or {}).get("run_config")
+    """The configuration the checkpoint was trained with: the copy inside it, else the run's config.yaml.
+    A checkpoint without either, or a configuration that is not a flowgen run's, is one clear error."""
+    hparams = checkpoint.get("hyper_parameters")
+    saved = hparams.get("run_config") if isinstance(hparams, dict) else None
     if saved:
-        return OmegaConf.create(saved)
-    for candidate in (run_dir_of(ckpt) / CONFIG_FILE, ckpt.parent / CONFIG_FILE):
-        if candidate.is_file():
-            return OmegaConf.load(candidate)
-    raise UserError(f"checkpoint {ckpt} carries no run configuration and no {CONFIG_FILE} was found in "
-                    f"{run_dir_of(ckpt)}; keep the checkpoint inside its run directory")
+        source = "the run configuration saved in it"
+        try:
+            cfg = OmegaConf.create(saved) if isinstance(saved, dict) else None
+        except Exception:  # noqa: BLE001 - values OmegaConf cannot hold: not a configuration flowgen saved
+            cfg = None
+    else:
+        candidates = list(dict.fromkeys((run_dir_of(ckpt) / CONFIG_FILE, ckpt.parent / CONFIG_FILE)))
+        found = [c for c in candidates if c.exists()]
+        if not found:
+            where = " or ".join(str(c.parent) for c in candidates)
+            raise UserError(f"checkpoint {ckpt} is a Lightning checkpoint without its run configuration: it carries "
+                            f"none (no hyper_parameters.run_config) and no {CONFIG_FILE} was found in {where}; keep "
+                            f"the checkpoint inside its run directory, or put the run's {CONFIG_FILE} next to it")
+        source = str(found[0])
+        try:
+            cfg = OmegaConf.load(found[0])
+        except OSError as exc:
+            raise UserError(f"checkpoint {ckpt}: its run configuration {source} cannot be read "
+                            f"({exc.strerror or exc}); make it a readable file or restore the run's own copy") from None
+        except Exception as exc:  # noqa: BLE001 - YAML syntax errors and OmegaConf's own, many kinds
+            raise UserError(f"checkpoint {ckpt}: its run configuration {source} is not valid YAML "
+                            f"({type(exc).__name__}); restore the run's own {CONFIG_FILE}") from None
+    missing = [key for key in ("model", "data") if not isinstance(cfg, DictConfig)
+               or not isinstance(cfg.get(key), DictConfig)]
+    if missing:
+        raise UserError(f"checkpoint {ckpt}: {source} is not a flowgen run configuration (no "
+                        f"{' or '.join(missing)} section); keep the checkpoint with the {CONFIG_FILE} train.py "
+                        "wrote for it")
+    return cfg
 
 
-def restore_run(ckpt_path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu") -> RestoredRun:
-    """Rebuild the module from its saved config and load the checkpoint's weights, in eval mode on ``device``."""
+def restore_run(ckpt_path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
+                which: str = "best") -> RestoredRun:
+    """Rebuild the module from its saved config and load the checkpoint's weights, in eval mode on ``device``.
+    A run directory gives its best checkpoint by val/bpd (``which="best"``, the one train.py tested) or
+    its ``last.ckpt`` (``which="last"``); see ``flowgen.cli.run_files.find_checkpoint``."""
     from flowgen.cli.train import build_module  # the same construction as training
 
-    ckpt = find_checkpoint(ckpt_path)
+    ckpt, note = find_checkpoint(ckpt_path, which)
     checkpoint = load_checkpoint(ckpt)
     cfg = run_config(checkpoint, ckpt)
     hparams = checkpoint.get("hyper_parameters") or {}
@@ -106,7 +109,7 @@ def restore_run(ckpt_path: str | Path, use_ema: bool = True, device: str | torch
     check_state_matches(checkpoint["state_dict"], module, ckpt)
     module.load_state_dict(checkpoint["state_dict"], strict=True)
     module.to(device).eval()
-    return RestoredRun(module=module, cfg=cfg, ckpt=ckpt, run_dir=run_dir_of(ckpt), use_ema=use_ema)
+    return RestoredRun(module=module, cfg=cfg, ckpt=ckpt, run_dir=run_dir_of(ckpt), use_ema=use_ema, which=note)
 
 
 def num_levels_of(cfg: DictConfig) -> int:

@@ -10,7 +10,8 @@ from torchvision.utils import save_image
 
 from flowgen.cli.errors import UserError
 from flowgen.cli.restore import RestoredRun, instantiate_data, resolve_device, restore_run
-from flowgen.latents import METHODS, interpolate, reconstruct
+from flowgen.config.checks import validated
+from flowgen.latents import interpolate, reconstruct
 from flowgen.likelihood import to_unit_interval
 from flowgen.sampling import image_grid, num_classes_of, temperature_rows
 
@@ -19,13 +20,20 @@ MODES = ("sample", "interpolate", "reconstruct")
 
 def sample(cfg: DictConfig) -> list[Path]:
     """Run the configured mode; returns (and prints) the paths written."""
-    _check(cfg)
+    cfg = validated(cfg)  # types and ranges: flowgen/config/tool_schemas.py SampleConfig
+    given_dir = Path(cfg.output_dir).expanduser() if cfg.get("output_dir") else None
+    if given_dir is not None and given_dir.exists() and not given_dir.is_dir():
+        raise UserError(f"output_dir={cfg.output_dir} is a file; give a directory (it is created when missing)")
     device = resolve_device(cfg.device)
-    run = restore_run(cfg.ckpt_path, use_ema=cfg.use_ema, device=device)
-    out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else run.run_dir / "generated"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run = restore_run(cfg.ckpt_path, use_ema=cfg.use_ema, device=device, which=cfg.which)
+    out_dir = given_dir or run.run_dir / "generated"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file on the way, no permission
+        raise UserError(f"output_dir={out_dir} cannot be created ({exc.strerror}); give a directory you can "
+                        "write to") from None
     torch.manual_seed(cfg.seed)
-    print(f"checkpoint: {run.ckpt} ({run.weights} weights, {device})", flush=True)
+    print(run.describe(device), flush=True)
     if cfg.mode == "sample":
         paths = _sample_grids(cfg, run, out_dir, device)
     elif cfg.mode == "interpolate":
@@ -35,23 +43,6 @@ def sample(cfg: DictConfig) -> list[Path]:
     for path in paths:
         print(f"wrote {path}", flush=True)
     return paths
-
-
-def _check(cfg: DictConfig) -> None:
-    if cfg.mode not in MODES:
-        raise UserError(f"mode={cfg.mode!r}; choose one of {', '.join(MODES)}")
-    temperatures = list(cfg.temperatures)
-    if not temperatures or any(not isinstance(t, int | float) or isinstance(t, bool) for t in temperatures):
-        raise UserError(f"temperatures={temperatures} must be a non-empty list of numbers, e.g. [0.5,0.7,1.0]")
-    if any(t < 0 for t in temperatures):
-        raise UserError(f"temperatures={temperatures}: a temperature must be >= 0 (0 gives the prior means)")
-    for key in ("n", "upscale", "steps", "num_images"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
-            raise UserError(f"{key}={cfg[key]!r} must be an integer >= 1")
-    if cfg.mode == "interpolate" and cfg.steps < 2:
-        raise UserError(f"steps={cfg.steps} must be >= 2 to interpolate between two images")
-    if cfg.interpolation not in METHODS:
-        raise UserError(f"interpolation={cfg.interpolation!r}; choose one of {', '.join(METHODS)}")
 
 
 def _labels(cfg: DictConfig, run: RestoredRun, device) -> tuple[list[tuple[str, torch.Tensor | None]], int | None]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 import warnings
 from functools import partial
 from pathlib import Path
@@ -13,21 +13,22 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from flowgen.cli.checkpoints import (
-    CONFIG_FILE,
-    check_state_matches,
-    load_checkpoint,
-    refuse_to_overwrite,
-    resolve_ckpt_path,
-)
-from flowgen.cli.errors import UserError
+from flowgen.cli.checkpoints import check_state_matches, load_checkpoint
+from flowgen.cli.errors import UserError, one_line
 from flowgen.cli.loggers import build_loggers
+from flowgen.cli.resume import command_line_overrides, compose_defaults, plan_run
+from flowgen.cli.run_files import CONFIG_FILE, remove_unused_run_dir
+from flowgen.cli.run_lock import RunLock, describe_owner
+from flowgen.cli.sweeps import in_multirun, sweep_objective
+from flowgen.config.checks import validated
 from flowgen.performance import compile_model, keep_freed_cpu_memory, set_channels_last
-from flowgen.training import FlowModule
+from flowgen.training import FlowModule, NonFiniteStepsError, NonFiniteWeightsError
 from flowgen.training.checkpoint_io import AtomicCheckpointIO, remove_partial_files
 from flowgen.training.final_checkpoint import FinalStepCheckpoint
+from flowgen.training.stop_signals import StopOnSignal
 
 
 def build_module(cfg: DictConfig, num_levels: int, compile: bool = True) -> FlowModule:
@@ -50,7 +51,7 @@ def build_module(cfg: DictConfig, num_levels: int, compile: bool = True) -> Flow
         class_conditional=bool(cfg.model.get("num_classes")),
         eval_samples=OmegaConf.select(cfg, "evaluation.num_samples", default=1),
         eval_seed=OmegaConf.select(cfg, "evaluation.seed", default=0),
-        run_config=OmegaConf.to_container(cfg, resolve=True),
+        run_config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),  # plain data: loads weights_only
     )
     # after the EMA copy is made: the averaged weights are only evaluated, never worth a compile
     if compile:
@@ -65,20 +66,6 @@ def _check_labels(cfg: DictConfig, datamodule) -> None:
     if wanted and datamodule.num_classes and wanted != datamodule.num_classes:
         raise UserError(f"model.num_classes={wanted} but data={cfg.data.name} has {datamodule.num_classes} classes; "
                         "set model.num_classes=${data.num_classes}")
-
-
-def _requeued_ckpt_path(ckpt_path: str | None) -> str | None:
-    """A job that can be requeued resumes from its own last.ckpt: ``ckpt_path`` defaults to ``last``
-    in a submitit job (SUBMITIT_EXECUTOR is set; each sweep job has its own new run directory)
-    and in a SLURM job that was requeued (SLURM_RESTART_COUNT > 0), e.g. by scripts/slurm/train.sbatch."""
-    if ckpt_path is not None:
-        return ckpt_path
-    if os.environ.get("SUBMITIT_EXECUTOR"):
-        return "last"
-    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
-        print(f"SLURM requeued this job (restart {os.environ['SLURM_RESTART_COUNT']}): ckpt_path=last", flush=True)
-        return "last"
-    return None
 
 
 def _plugins() -> list:
@@ -136,11 +123,53 @@ def _warn_slow_precision(trainer: L.Trainer) -> None:
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Train (and test) as configured; returns the best ``val/bpd`` (the metric sweeps minimise)."""
-    run_dir = Path(cfg.paths.output_dir)
-    ckpt = resolve_ckpt_path(_requeued_ckpt_path(cfg.get("ckpt_path")), run_dir)
-    if ckpt is None and cfg.get("train", True) and not cfg.get("overwrite", False):
-        refuse_to_overwrite(run_dir)
+    """Train (and test) as configured; returns the best ``val/bpd`` (the metric sweeps minimise).
+
+    The configuration is checked first (flowgen/config), then the run is planned: a fresh run in
+    the directory Hydra made, or a resumed run in its own directory with its own saved
+    configuration (flowgen/cli/resume.py). The run directory is locked for the life of the run
+    (flowgen/cli/run_lock.py), and a directory that an early error left empty is removed.
+    """
+    new_dir = Path(cfg.paths.output_dir)
+    with _removed_if_unused(new_dir):
+        cfg = validated(cfg)
+        _check_precision(cfg)
+        plan = plan_run(cfg, command_line_overrides(), defaults=compose_defaults)
+        if plan.run_dir != new_dir.resolve():
+            remove_unused_run_dir(new_dir)  # a resume continues elsewhere: the new directory stays unused
+        with RunLock(plan.run_dir) if launching_process() else contextlib.nullcontext() as lock:
+            if lock is not None and lock.taken_over:
+                print(f"took over the lock of {describe_owner(lock.taken_over)}, which is no longer running",
+                      flush=True)
+            return _train_run(plan.cfg, plan.run_dir, plan.ckpt)
+
+
+def _check_precision(cfg: DictConfig) -> None:
+    """Lightning runs fp16 on a CPU as bf16 with only a warning; the run's config would then say what did not run."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and str(cfg.trainer.get("precision")) in ("16-mixed", "16", "16-true"):
+        raise UserError(f"trainer.precision={cfg.trainer.precision} needs a CUDA GPU (fp16 has no CPU kernels); "
+                        "on the CPU use trainer.precision=bf16-mixed or 32-true")
+
+
+def launching_process() -> bool:
+    """The process that owns the run: global rank 0 (Lightning's DDP workers and SLURM's other tasks are not)."""
+    return rank_zero_only.rank == 0
+
+
+@contextlib.contextmanager
+def _removed_if_unused(run_dir: Path):
+    """On an error before the run wrote anything, leave no empty run directory behind."""
+    try:
+        yield
+    except BaseException:
+        remove_unused_run_dir(run_dir)
+        raise
+
+
+def _train_run(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> float | None:
+    """Train (and test) in ``run_dir``, continuing from ``ckpt`` when given."""
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     if OmegaConf.select(cfg, "performance.keep_freed_cpu_memory", default=False):
@@ -153,9 +182,10 @@ def train(cfg: DictConfig) -> float | None:
     if ckpt is not None:  # a readable, safe checkpoint of this architecture, before Lightning loads it
         check_state_matches(load_checkpoint(ckpt, mmap=True)["state_dict"], module, ckpt)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    callbacks.append(StopOnSignal(resume_command=f"python train.py ckpt_path={run_dir}"))  # Ctrl-C, kill
     checkpointing = [c for c in callbacks if isinstance(c, ModelCheckpoint) and c.save_last]
-    if checkpointing:  # last.ckpt also at a max_steps stop in the middle of an epoch
-        callbacks.append(FinalStepCheckpoint(checkpointing[0]))
+    # the final step, also inside an epoch: val/bpd (the sweep objective) and then last.ckpt
+    callbacks.append(FinalStepCheckpoint(checkpointing[0] if checkpointing else None))
     loggers = build_loggers(cfg.get("logger"), run_dir)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=_plugins())
@@ -174,24 +204,26 @@ def train(cfg: DictConfig) -> float | None:
     # FlowModule checks pixels on the host before the transfer (its hook is meant to win over the data module's)
     warnings.filterwarnings("ignore", message=".*overridden `on_before_batch_transfer`.*")
 
-    if cfg.get("train", True):
-        # weights_only: a checkpoint is data (tensors, numbers, strings), never code to unpickle and run
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
-    val_bpd = _metric(trainer, "val/bpd")
-    checkpoint_cb = trainer.checkpoint_callback
-    best = getattr(checkpoint_cb, "best_model_path", "") if checkpoint_cb else ""
-    if best and getattr(checkpoint_cb, "best_model_score", None) is not None:
-        val_bpd = float(checkpoint_cb.best_model_score)
+    diverged = _fit(trainer, module, datamodule, ckpt) if cfg.get("train", True) else None
+    val_bpd = test_bpd = None
+    best = ""
+    if diverged is None:
+        val_bpd = _metric(trainer, "val/bpd")
+        checkpoint_cb = trainer.checkpoint_callback
+        best = getattr(checkpoint_cb, "best_model_path", "") if checkpoint_cb else ""
+        if best and getattr(checkpoint_cb, "best_model_score", None) is not None:
+            val_bpd = float(checkpoint_cb.best_model_score)
 
-    test_bpd = None
-    if cfg.get("test", False):
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or (None if cfg.get("train", True) else ckpt),
-                     weights_only=True)
-        test_bpd = _metric(trainer, "test/bpd")
+        if cfg.get("test", False):
+            trainer.test(module, datamodule=datamodule, ckpt_path=best or (None if cfg.get("train", True) else ckpt),
+                         weights_only=True)
+            test_bpd = _metric(trainer, "test/bpd")
 
     if trainer.is_global_zero:
         _summary(run_dir, trainer, val_bpd, test_bpd, best)
-    return val_bpd
+    if not in_multirun():
+        return val_bpd
+    return sweep_objective(trainer, run_dir, val_bpd, test_bpd, diverged)
 
 
 def _metric(trainer: L.Trainer, name: str) -> float | None:
@@ -213,3 +245,16 @@ def _summary(run_dir: Path, trainer: L.Trainer, val_bpd, test_bpd, best: str) ->
         f"  config: {run_dir / CONFIG_FILE}",
     ]
     print("\n".join(lines), flush=True)
+
+
+def _fit(trainer: L.Trainer, module: FlowModule, datamodule, ckpt: Path | None) -> str | None:
+    """``trainer.fit``. In a sweep, a trial that diverged (the NaN guard's stop, non-finite weights)
+    returns the one-line reason instead of raising; any other error still ends the sweep."""
+    try:
+        # weights_only: a checkpoint is data (tensors, numbers, strings), never code to unpickle and run
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    except (NonFiniteStepsError, NonFiniteWeightsError) as exc:
+        if not in_multirun():
+            raise
+        return one_line(exc)
+    return None

@@ -17,53 +17,22 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from flowgen.config.checks import validated
 from flowgen.errors import UserError
-from flowgen.playground.densities import DENSITIES, sample_density
+from flowgen.playground.densities import sample_density
 from flowgen.playground.figures import density_figure, evolution_figure
-from flowgen.playground.flows2d import COUPLINGS, build_flow
+from flowgen.playground.flows2d import build_flow
 from flowgen.playground.grid import integrate
 from flowgen.playground.model import FlowDensity2d
 from flowgen.playground.training import mean_nll, train
 
-POSITIVE_INTS = ("flow.num_layers", "flow.hidden", "flow.spline_bins", "train.steps", "train.batch_size",
-                 "evaluate.test_points", "evaluate.integral_grid", "figure.grid_size", "figure.points")
-POSITIVE_NUMBERS = ("flow.scale_bound", "flow.spline_bound", "train.lr", "evaluate.integral_extent",
-                    "figure.extent")
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Raise UserError, in one line, for the first option that cannot work."""
-    if cfg.density not in DENSITIES:
-        raise UserError(f"density={cfg.density} is not a toy density; choose one of {', '.join(DENSITIES)}")
-    if cfg.flow.coupling not in COUPLINGS:
-        raise UserError(f"flow.coupling={cfg.flow.coupling} is not a coupling; choose one of {', '.join(COUPLINGS)}")
-    for key in POSITIVE_INTS:
-        value = _get(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UserError(f"{key}={value!r} must be an integer >= 1")
-    for key in POSITIVE_NUMBERS:
-        value = _get(cfg, key)
-        if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-            raise UserError(f"{key}={value!r} must be a number > 0")
-    if cfg.flow.spline_bins < 2:
-        raise UserError(f"flow.spline_bins={cfg.flow.spline_bins} must be >= 2")
-    log_every = cfg.train.log_every
-    if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 0:
-        raise UserError(f"train.log_every={log_every!r} must be an integer >= 0 (0 = never)")
-    if not isinstance(cfg.train.seed, int) or isinstance(cfg.train.seed, bool):
-        raise UserError(f"train.seed={cfg.train.seed!r} must be an integer")
-    if not cfg.get("output_dir"):
-        raise UserError("output_dir is empty; give a directory for the figures, e.g. output_dir=playground")
-
-
-def _get(cfg: DictConfig, dotted: str):
-    section, key = dotted.split(".")
-    return cfg[section][key]
-
 
 def playground_2d(cfg: DictConfig) -> dict:
     """Train, evaluate and draw; prints the figures' paths, the NLL and the grid integral, and returns them."""
-    check_config(cfg)
+    cfg = validated(cfg)  # types and ranges: flowgen/config/tool_schemas.py Playground2DConfig
+    output = Path(cfg.output_dir).expanduser()
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output_dir={cfg.output_dir} is a file; give a directory for the figures")
     # the matrices are tiny (batch x hidden): one thread is as fast as several and leaves the cores to others
     torch.set_num_threads(1)
     seed = cfg.train.seed
@@ -83,7 +52,6 @@ def playground_2d(cfg: DictConfig) -> dict:
     nll = mean_nll(model, test)
     integral = integrate(model.log_prob, cfg.evaluate.integral_extent, cfg.evaluate.integral_grid)
 
-    output = Path(cfg.output_dir)
     shown = sample_density(cfg.density, max(cfg.figure.points, 20000), np.random.default_rng(seed + 2))
     title = f"{name}: test NLL {nll:.3f} nats"
     figure_args = dict(extent=cfg.figure.extent, grid_size=cfg.figure.grid_size, points=cfg.figure.points, seed=seed)
