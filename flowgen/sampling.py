@@ -8,6 +8,9 @@ from torchvision.utils import make_grid
 
 from flowgen.likelihood import to_unit_interval
 
+# what sample.py makes: grids of samples here; interpolations and reconstructions (flowgen/latents.py)
+SAMPLE_MODES = ("sample", "interpolate", "reconstruct")
+
 
 def num_classes_of(model: nn.Module) -> int | None:
     """The number of classes of a class-conditional model's prior, None when it is unconditional."""

@@ -161,3 +161,13 @@ def test_a_checkpoint_carrying_code_is_refused_and_never_run(tmp_path, capsys):
     line = run_train(tmp_path, capsys, [f"ckpt_path={path}"])
     assert "was refused: it carries pickled Python objects" in line
     assert "this code ran" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("word, value", [("no", False), ("off", False), ("0", False), ("false", False),
+                                         ("yes", True), ("on", True), ("1", True), ("true", True)])
+def test_booleans_given_as_words_are_booleans(tmp_path, word, value):
+    # the data-loss case: overwrite=no was the truthy string "no" and replaced a run's checkpoints
+    cfg = compose_train(tmp_path, [f"overwrite={word}", f"data.hflip={word}", f"test={word}",
+                                   f"performance.channels_last={word}"])
+    assert cfg.overwrite is value and cfg.data.hflip is value and cfg.test is value
+    assert cfg.performance.channels_last is value

@@ -233,6 +233,7 @@ def test_sample_py_reports_one_line(name, tmp_path, capsys):
     assert line.startswith(f"error: checkpoint {path} ") and expected in line, line
 
 
+@pytest.mark.slow  # ~10 s; the same path is tested in process above, and sample.py's one line in test_sample_evaluate
 def test_sample_py_on_a_text_file_prints_one_line(tmp_path):
     path = tmp_path / "notes.ckpt"
     path.write_text("epoch 3: val/bpd 4.2\n")

@@ -150,9 +150,11 @@ def test_one_subprocess_error_line(tmp_path):
 # ---- evaluate.py ----------------------------------------------------------------------------------
 
 def test_evaluate_reproduces_the_training_test_bpd(trained_digits, tmp_path):
+    """On the run directory, evaluate.py scores the best checkpoint by val/bpd, the one train.py tested."""
     best = best_checkpoint(trained_digits.run_dir)
-    run = run_entry("evaluate.py", [f"ckpt_path={best}", "split=test"], tmp_path)
+    run = run_entry("evaluate.py", [f"ckpt_path={trained_digits.run_dir}", "split=test"], tmp_path)
     assert run.returncode == 0, run.output[-3000:]
+    assert f"checkpoint: {best} (best by val/bpd" in run.stdout
     result = json.loads(best.with_name(f"{best.stem}.eval-digits-test.json").read_text())
     tested = []
     for path in trained_digits.run_dir.glob("csv/version_*/metrics.csv"):

@@ -5,7 +5,7 @@ from datetime import datetime
 
 from omegaconf import OmegaConf
 
-from flowgen.config import schema
+from flowgen.config import schema, tool_schemas
 from flowgen.config.checks import PATH_COMPONENT
 from flowgen.errors import UserError
 
@@ -26,7 +26,6 @@ if not OmegaConf.has_resolver("run_dir_name"):
 if not OmegaConf.has_resolver("launch_dir"):
     OmegaConf.register_new_resolver("launch_dir", os.getcwd, use_cache=True)
 
-# the typed schemas the config files name in their defaults lists (flowgen/config/schema.py)
+# the typed schemas the config files name in their defaults lists (flowgen/config/schema.py, tool_schemas.py)
 schema.register()
-# the other entry points' schemas: registered when imported (their enums use registries of flowgen.cli's tools)
-from flowgen.config import tool_schemas  # noqa: E402,F401
+tool_schemas.register()

@@ -24,8 +24,6 @@ from flowgen.config.checks import validated
 from flowgen.evaluation import SplitScore, autocast_context, evaluate_split
 from flowgen.ood import batch_test, typicality, write_scores
 
-SPLITS = ("train", "val", "test")
-
 
 def evaluate(cfg: DictConfig) -> dict:
     """Score the checkpoint on ``split`` of the run's data (or of ``data=...``); print a table, write JSON and CSV."""

@@ -90,7 +90,8 @@ def _config_error(error: OmegaConfBaseException, override: str | None) -> str:
     text = _first_line(getattr(error, "msg", "") or str(error))
     if isinstance(error, ConfigAttributeError | ConfigKeyError):
         parent = getattr(error, "parent_node", None)
-        known = ", ".join(k for k in (parent.keys() if parent is not None else []) if not str(k).startswith("_"))
+        keys = parent.keys() if parent is not None else []
+        known = ", ".join(k for k in keys if not str(k).startswith("_") and k != "hydra")
         where = key.rsplit(".", 1)[0] if "." in key else "the top level"
         return f"{given}: {where} has no key '{error.key}'" + (f"; its keys are {known}" if known else "")
     converted = re.search(r"could not be converted to (\w+)", text)

@@ -19,12 +19,12 @@ import shutil
 from pathlib import Path
 
 from flowgen.cli.checkpoints import CHECKPOINT_DIR, CONFIG_FILE, LAST, load_checkpoint
+from flowgen.config.tool_schemas import WHICH
 from flowgen.errors import UserError
 
 __all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "LAST", "WHICH", "best_checkpoint", "find_checkpoint", "last_checkpoint",
            "remove_unused_run_dir", "run_dir_of"]
 
-WHICH = ("best", "last")
 
 
 def run_dir_of(ckpt: Path) -> Path:

@@ -15,8 +15,6 @@ from flowgen.latents import interpolate, reconstruct
 from flowgen.likelihood import to_unit_interval
 from flowgen.sampling import image_grid, num_classes_of, temperature_rows
 
-MODES = ("sample", "interpolate", "reconstruct")
-
 
 def sample(cfg: DictConfig) -> list[Path]:
     """Run the configured mode; returns (and prints) the paths written."""

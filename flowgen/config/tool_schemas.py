@@ -9,10 +9,9 @@ settled at composition, naming the key; the range checks (``checked(...)``, flow
 are verified by ``validated(cfg)``, the first thing each tool's task function does.
 
 The choices of the enums come from the registries of the code that uses them
-(``flowgen.cli.sample.MODES``, ``flowgen.latents.METHODS``, ``flowgen.playground.densities.DENSITIES``
-...), so a new option is one registry entry, not two. Those registries live in the tools' own modules,
-some of them under ``flowgen.cli``, which imports this module; so this module registers its schemas
-when it is imported (``register()`` at the end; it is idempotent), whichever of the two is imported first.
+(``flowgen.sampling.SAMPLE_MODES``, ``flowgen.latents.METHODS``, ``flowgen.data.splits.SPLITS``,
+``flowgen.playground.densities.DENSITIES`` ...), so a new option is one registry entry, not two. Like
+every module below ``flowgen.cli``, this one never imports ``flowgen.cli``.
 
 ``Any`` marks the few keys that genuinely take more than one type (``label``: a class or ``all``;
 ``attribute``: a class or a CelebA attribute name; ``csv``: a bool or a path); a check says which values.
@@ -33,9 +32,6 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, ListConfig
 
-from flowgen.cli.evaluate import SPLITS
-from flowgen.cli.run_files import WHICH
-from flowgen.cli.sample import MODES
 from flowgen.config.checks import (
     AT_LEAST_ONE,
     FINITE,
@@ -51,13 +47,17 @@ from flowgen.config.checks import (
     one_of,
 )
 from flowgen.config.schema import PRECISIONS, TrainConfig, choices
+from flowgen.data.splits import SPLITS
 from flowgen.latents import METHODS
 from flowgen.playground.densities import DENSITIES
 from flowgen.playground.flows2d import COUPLINGS as COUPLINGS_2D
+from flowgen.sampling import SAMPLE_MODES
+
+WHICH = ("best", "last")  # a run directory's checkpoint for the tools (flowgen/cli/run_files.py)
 
 Which = choices("Which", WHICH)
 Split = choices("Split", SPLITS)
-SampleMode = choices("SampleMode", MODES)
+SampleMode = choices("SampleMode", SAMPLE_MODES)
 Interpolation = choices("Interpolation", METHODS)
 Density = choices("Density", DENSITIES)
 Coupling2D = choices("Coupling2D", COUPLINGS_2D)
@@ -263,6 +263,3 @@ def register(store: ConfigStore | None = None) -> None:
     store.store(name="ood_histogram_schema", node=OodHistogramConfig)
     store.store(name="playground_2d_schema", node=Playground2DConfig)
     store.store(name="benchmark_schema", node=_benchmark_node())
-
-
-register()

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+SPLITS = ("train", "val", "test")  # what every data module serves (``eval_dataset(split)``)
+
 
 @dataclass
 class RawSplits:
