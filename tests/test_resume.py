@@ -127,6 +127,30 @@ def test_a_refused_resume_changes_nothing(tmp_path, capsys):
     assert not (tmp_path / "b" / "run").exists()
 
 
+def test_an_older_checkpoint_never_rewinds_its_run_but_can_branch(tmp_path, capsys):
+    run_reporting_errors(train, compose_train(tmp_path / "a", [*TINY, "trainer.max_steps=6"]))
+    old_dir = tmp_path / "a" / "run"
+    last = old_dir / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    (older,) = [p for p in (old_dir / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"]
+    again = compose_train(tmp_path / "b", [*TINY, f"ckpt_path={older}", "trainer.max_steps=8"])
+    with pytest.raises(SystemExit):
+        run_reporting_errors(train, again)
+    assert "is not the latest state of run" in capsys.readouterr().err and last.read_bytes() == before
+    branch = compose_train(tmp_path / "b", [*TINY, f"ckpt_path={older}", "trainer.max_steps=8", "run_name=fork"])
+    run_reporting_errors(train, branch)
+    assert last.read_bytes() == before  # the original run is untouched
+    assert torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
+    assert f"branching run fork from {older}" in capsys.readouterr().out
+
+
+def test_the_checkpoints_folder_names_its_run(tmp_path):
+    run_reporting_errors(train, compose_train(tmp_path / "a", [*TINY, "trainer.max_steps=2"]))
+    old_dir = tmp_path / "a" / "run"
+    again = compose_train(tmp_path / "b", [*TINY, f"ckpt_path={old_dir / 'checkpoints'}"])
+    assert plan_run(again, [f"ckpt_path={old_dir / 'checkpoints'}"]).run_dir == old_dir.resolve()
+
+
 def _start(args, tmp_path) -> subprocess.Popen:
     env = {**os.environ, "FLOWGEN_LOG_DIR": str(tmp_path / "logs"), "FLOWGEN_DATA_DIR": str(tmp_path / "data"),
            "PYTHONWARNINGS": "ignore"}
@@ -156,7 +180,7 @@ def test_a_second_run_is_refused_and_a_signal_saves_the_current_step(tmp_path, s
     saved = torch.load(directory / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert f"stopped by {stop.name} at step {saved}:" in out
     command = next(line for line in out.splitlines() if line.startswith("resume with: "))
-    assert command == f"resume with: python train.py ckpt_path={directory}"
+    assert command == f"resume with: python {REPO / 'train.py'} ckpt_path={directory}"
     resumed = _start([f"ckpt_path={directory}", f"trainer.max_steps={saved + 2}"], tmp_path)
     out, err = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, err[-3000:]

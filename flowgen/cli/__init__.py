@@ -21,6 +21,11 @@ def _run_dir_name(name) -> str:
 if not OmegaConf.has_resolver("run_dir_name"):
     OmegaConf.register_new_resolver("run_dir_name", _run_dir_name)
 
+# An environment variable that is set and not empty, else the default: ``FLOWGEN_LOG_DIR=`` must
+# not put runs at the file system's root (oc.env would take the empty string).
+if not OmegaConf.has_resolver("env_or"):
+    OmegaConf.register_new_resolver("env_or", lambda name, default: os.environ.get(name) or default)
+
 # The directory the command was started in (Hydra's ${hydra:runtime.cwd}, which is not set yet
 # when a sweeper such as Optuna reads hydra.sweep.dir at start-up).
 if not OmegaConf.has_resolver("launch_dir"):

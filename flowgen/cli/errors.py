@@ -21,9 +21,14 @@ EXIT_USER_ERROR = 2
 
 def _root_cause(exc: BaseException) -> BaseException:
     """Hydra wraps errors raised by a ``_target_`` constructor; the user wants the original."""
-    while isinstance(exc, InstantiationException) and exc.__cause__ is not None:
+    while isinstance(exc, InstantiationException) and exc.__cause__ is not None and not _unknown_target(exc):
         exc = exc.__cause__
     return exc
+
+
+def _unknown_target(exc: BaseException) -> bool:
+    """A ``_target_`` that names no importable class: a config mistake (e.g. a misspelt callback class)."""
+    return isinstance(exc, InstantiationException) and str(exc).startswith("Error locating target")
 
 
 def one_line(exc: BaseException) -> str:
@@ -39,7 +44,8 @@ def one_line(exc: BaseException) -> str:
 def is_user_error(exc: BaseException) -> bool:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    return isinstance(exc, UserError | ValueError | FileNotFoundError | MisconfigurationException)
+    return _unknown_target(exc) or isinstance(exc, UserError | ValueError | FileNotFoundError |
+                                               MisconfigurationException)
 
 
 def _remove_unused_output_dir() -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from flowgen.cli.errors import EXIT_USER_ERROR
 from flowgen.cli.overrides import refuse_unknown_choices
@@ -54,7 +54,7 @@ def startup_error(exc: BaseException) -> str | None:
     if reason is not None:  # raised by flowgen's own code that Hydra called (a resolver)
         return " ".join(str(reason).split())
     cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
-    if isinstance(cause, ValidationError | ConfigAttributeError | ConfigKeyError) and getattr(cause, "full_key", None):
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         return _config_error(cause, _override_of(exc))
     if isinstance(exc, OverrideParseException):
         return f"cannot parse the override: {_first_line(str(exc))} (syntax: key=value, group=choice, +key=value)"
@@ -102,6 +102,12 @@ def _config_error(error: OmegaConfBaseException, override: str | None) -> str:
     choices = re.search(r"expected one of \[(.*)\]", text)
     if choices:
         return f"{given}: {key} must be one of {choices.group(1)}"
+    if "does not support deletion" in text:
+        return f"{given}: {key} cannot be removed (every run needs it); give it another value instead"
+    if "is not a ListConfig, list or tuple" in text:
+        return f"{given}: {key} must be a list, e.g. {key}=[a,b]"
+    if "is not a valid input for <enum" in text:
+        return f"{given}: {key} takes a single choice, not a list"
     return f"{given}: {text}"
 
 

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flowgen.cli.checkpoints import load_checkpoint, refuse_to_overwrite
 from flowgen.cli.overrides import CONFIG_DIR
-from flowgen.cli.run_files import CONFIG_FILE, last_checkpoint, run_dir_of
+from flowgen.cli.run_files import CHECKPOINT_DIR, CONFIG_FILE, last_checkpoint, run_dir_of
 from flowgen.errors import UserError
 
 # groups whose files are `# @package _global_`: they may set any key
@@ -75,9 +75,13 @@ def plan_run(cfg: DictConfig, overrides: list[str], defaults: Callable[[], DictC
     """The run that ``cfg`` (composed from ``overrides``) asks for; ``defaults()`` composes the config
     with no overrides (called only when a global group such as ``debug=fast`` continues a run)."""
     new_dir = Path(cfg.paths.output_dir)
-    requested = requeued_ckpt_path(cfg.get("ckpt_path"))
+    requested = requeued_ckpt_path(cfg.get("ckpt_path") or None)
     if requested is None:
         return _fresh(cfg, new_dir)
+    if str(requested) == "last" and cfg.get("ckpt_path") == "last" and not cfg.get("run_name") \
+            and not _in_multirun():
+        raise UserError("ckpt_path=last needs run_name=<the run's name>: without one a run gets a new timestamped "
+                        "directory, which holds no checkpoint; or pass the run's directory as ckpt_path")
     if str(requested) == "last":
         ckpt = last_checkpoint(new_dir)
         if ckpt is None:
@@ -86,6 +90,8 @@ def plan_run(cfg: DictConfig, overrides: list[str], defaults: Callable[[], DictC
         run_dir = new_dir
     else:
         path = Path(str(requested)).expanduser()
+        if path.is_dir() and path.name == CHECKPOINT_DIR and (path.parent / CONFIG_FILE).is_file():
+            path = path.parent  # <run>/checkpoints given for <run>
         if path.is_dir():
             ckpt = last_checkpoint(path)
             if ckpt is None:
@@ -97,6 +103,7 @@ def plan_run(cfg: DictConfig, overrides: list[str], defaults: Callable[[], DictC
             run_dir = run_dir_of(path) if (run_dir_of(path) / CONFIG_FILE).is_file() else new_dir
         else:
             raise UserError(f"ckpt_path={requested}: no such checkpoint file or run directory")
+        run_dir = _continue_or_branch(cfg, ckpt, run_dir, new_dir)
     run_dir = run_dir.resolve()
     saved = saved_config(run_dir, ckpt)
     if saved is None:  # e.g. written by another tool: the command line is all there is to go by
@@ -106,6 +113,32 @@ def plan_run(cfg: DictConfig, overrides: list[str], defaults: Callable[[], DictC
         resumed = continue_config(saved, cfg, overrides, defaults, run_dir)
     resumed.ckpt_path = str(ckpt)
     return RunPlan(cfg=resumed, run_dir=run_dir, ckpt=ckpt)
+
+
+def _continue_or_branch(cfg: DictConfig, ckpt: Path, run_dir: Path, new_dir: Path) -> Path:
+    """Where a resume from ``ckpt`` writes. Its own run continues in place only from its latest state
+    (its last.ckpt): from an older checkpoint it would overwrite that run's newer last.ckpt. With a
+    ``run_name`` of its own, the command starts a branch: a new run directory, the old run's config."""
+    if run_dir == new_dir:
+        return run_dir
+    if cfg.get("run_name") and cfg.run_name != run_dir.name:
+        if cfg.get("train", True) and not cfg.get("overwrite", False):
+            refuse_to_overwrite(new_dir)
+        print(f"branching run {cfg.run_name} from {ckpt} (run {run_dir.name} stays as it is)", flush=True)
+        return new_dir
+    last = last_checkpoint(run_dir)
+    if last is not None and last.resolve() != ckpt.resolve():
+        raise UserError(f"ckpt_path={ckpt} is not the latest state of run {run_dir} (that is {last}): continuing "
+                        "there would overwrite it; pass run_name=<new name> to branch a new run from this checkpoint, "
+                        f"or ckpt_path={run_dir} to continue the run")
+    return run_dir
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _fresh(cfg: DictConfig, run_dir: Path) -> RunPlan:

@@ -52,10 +52,10 @@ def best_checkpoint(last: Path) -> Path | None:
         recorded = state.get("best_model_path") or ""
         if not recorded or state.get("best_model_score") is None:
             continue
-        # this run directory's own file first: a copied run directory must not score the original's
-        for candidate in (last.parent / Path(recorded).name, Path(recorded)):
-            if candidate.is_file():
-                return candidate
+        # this run directory's own file: a copied run directory must never score the original's
+        candidate = last.parent / Path(recorded).name
+        if candidate.is_file():
+            return candidate
     return None
 
 
@@ -69,6 +69,8 @@ def find_checkpoint(ckpt_path, which: str = "best") -> tuple[Path, str]:
     path = Path(str(ckpt_path)).expanduser()
     if path.is_file():
         return path, "the file given"
+    if path.is_dir() and path.name == CHECKPOINT_DIR and (path.parent / CONFIG_FILE).is_file():
+        path = path.parent  # <run>/checkpoints given for <run>
     if not path.is_dir():
         raise UserError(f"ckpt_path={ckpt_path}: no such checkpoint file or run directory")
     last = last_checkpoint(path)
@@ -88,7 +90,10 @@ HYDRA_FILES = (".hydra",)  # what Hydra writes into a run directory before flowg
 
 
 def remove_unused_run_dir(run_dir: Path) -> None:
-    """Remove ``run_dir`` if nothing but Hydra's own start-up files (``.hydra/``, empty ``*.log``) is in it."""
+    """Remove ``run_dir`` if nothing but Hydra's own start-up files (``.hydra/``, empty ``*.log``) is in it
+    (never the working directory or one above it)."""
+    if _is_cwd_or_above(run_dir):
+        return
     try:
         entries = list(run_dir.iterdir())
     except OSError:
@@ -103,6 +108,8 @@ def remove_unused_run_dir(run_dir: Path) -> None:
             entry.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         run_dir.rmdir()
+        run_dir.parent.rmdir()  # runs/ and <task>/ when Hydra made them for this run: only ever empty ones
+        run_dir.parent.parent.rmdir()
 
 
 def _empty_file(path: Path) -> bool:
@@ -117,7 +124,11 @@ def is_hydra_run_dir(path: Path) -> bool:
     (``<log dir>/<task>/runs/<name>``, ``<log dir>/<task>/multiruns/<time>/<job>``) and is not the
     working directory or above it: the only directories an error may tidy away."""
     path = path.resolve()
-    cwd = Path.cwd().resolve()
-    if path == cwd or path in cwd.parents:
+    if _is_cwd_or_above(path):
         return False
     return path.parent.name == "runs" or (len(path.parents) > 1 and path.parent.parent.name == "multiruns")
+
+
+def _is_cwd_or_above(path: Path) -> bool:
+    path, cwd = Path(path).resolve(), Path.cwd().resolve()
+    return path == cwd or path in cwd.parents

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
+import shlex
+import sys
 import warnings
 from functools import partial
 from pathlib import Path
@@ -134,14 +137,34 @@ def train(cfg: DictConfig) -> float | None:
     with _removed_if_unused(new_dir):
         cfg = validated(cfg)
         _check_precision(cfg)
+        _check_trains_something(cfg)
         plan = plan_run(cfg, command_line_overrides(), defaults=compose_defaults)
-        if plan.run_dir != new_dir.resolve():
+        if plan.run_dir.resolve() != new_dir.resolve():
             remove_unused_run_dir(new_dir)  # a resume continues elsewhere: the new directory stays unused
         with RunLock(plan.run_dir) if launching_process() else contextlib.nullcontext() as lock:
             if lock is not None and lock.taken_over:
                 print(f"took over the lock of {describe_owner(lock.taken_over)}, which is no longer running",
                       flush=True)
             return _train_run(plan.cfg, plan.run_dir, plan.ckpt)
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues this run, as the user started it (``python train.py`` or a path to it),
+    quoted for the shell and for Hydra's override parser."""
+    value = str(run_dir)
+    if not re.fullmatch(r"[\w./+-]+", value):
+        value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return f"python {shlex.quote(sys.argv[0] or 'train.py')} {shlex.quote(f'ckpt_path={value}')}"
+
+
+def _check_trains_something(cfg: DictConfig) -> None:
+    """A run that would train no step: a typo more often than a wish (train=false tests a checkpoint)."""
+    if not cfg.get("train", True):
+        return
+    for key in ("max_epochs", "max_steps", "limit_train_batches"):
+        if cfg.trainer.get(key) == 0:
+            raise UserError(f"trainer.{key}=0 trains nothing; give it a positive value (-1 or null: no limit), "
+                            "or train=false to only test a checkpoint")
 
 
 def _check_precision(cfg: DictConfig) -> None:
@@ -182,7 +205,7 @@ def _train_run(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> float | Non
     if ckpt is not None:  # a readable, safe checkpoint of this architecture, before Lightning loads it
         check_state_matches(load_checkpoint(ckpt, mmap=True)["state_dict"], module, ckpt)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
-    callbacks.append(StopOnSignal(resume_command=f"python train.py ckpt_path={run_dir}"))  # Ctrl-C, kill
+    callbacks.append(StopOnSignal(resume_command=resume_command(run_dir)))  # Ctrl-C, kill
     checkpointing = [c for c in callbacks if isinstance(c, ModelCheckpoint) and c.save_last]
     # the final step, also inside an epoch: val/bpd (the sweep objective) and then last.ckpt
     callbacks.append(FinalStepCheckpoint(checkpointing[0] if checkpointing else None))
@@ -191,6 +214,7 @@ def _train_run(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> float | Non
                                      plugins=_plugins())
 
     if trainer.is_global_zero:
+        datamodule.prepare_data()  # missing files are a one-line error before anything is written here
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / CONFIG_FILE, resolve=True)
     _global_batch_and_lr(cfg, trainer, module)

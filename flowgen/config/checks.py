@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,8 +77,8 @@ AT_LEAST_ONE = at_least(1)
 UNIT_OPEN = open_interval(0, 1)
 NOT_EMPTY = Check(lambda v: v is not None and len(v) > 0, "must not be empty")
 PATH_COMPONENT = Check(
-    lambda v: v not in ("", ".", "..") and "/" not in str(v) and "\\" not in str(v) and "\0" not in str(v),
-    "must be a single directory name (no '/', not '.' or '..')",
+    lambda v: re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*", str(v)) is not None,
+    "must be a single directory name of letters, digits, '.', '_', '+' and '-' (not starting with '.')",
 )
 COUNT_OR_FRACTION = Check(
     lambda v: (_integer(v) and v >= 0) or (isinstance(v, float) and 0 <= v < 1),
@@ -88,6 +89,11 @@ BATCHES_OR_FRACTION = Check(
     lambda v: (_integer(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1),
     "must be a number of batches (an int >= 0) or a fraction of the epoch (a float in [0, 1])",
 )
+
+
+SEED = Check(lambda v: _integer(v) and 0 <= v < 2**32, "must be in 0..4294967295 (numpy's seed range)")
+DURATION = Check(lambda v: isinstance(v, str) and re.fullmatch(r"\d+(:\d+){0,3}", v) is not None,
+                 "must be a duration DD:HH:MM:SS (e.g. 00:12:00:00 for 12 hours)")
 
 
 def each(check: Check) -> Check:

@@ -26,11 +26,13 @@ from flowgen.config.checks import (
     AT_LEAST_ONE,
     BATCHES_OR_FRACTION,
     COUNT_OR_FRACTION,
+    DURATION,
     FINITE,
     NON_NEGATIVE,
     NOT_EMPTY,
     PATH_COMPONENT,
     POSITIVE,
+    SEED,
     UNIT_OPEN,
     at_least,
     checked,
@@ -51,8 +53,12 @@ PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-tru
 
 
 def choices(name: str, values) -> type[Enum]:
-    """An enum whose members are named by their values (``Coupling.affine.value == "affine"``)."""
-    return Enum(name, {v: v for v in values}, type=str)
+    """An enum whose members are named by their values (``Coupling.affine.value == "affine"``) and
+    print as them, so an interpolation such as ``glow_${data.name}`` reads ``glow_digits``."""
+    enum = Enum(name, {v: v for v in values}, type=str)
+    enum.__str__ = lambda self: self.value
+    enum.__format__ = lambda self, spec: format(self.value, spec)
+    return enum
 
 
 Coupling = choices("Coupling", COUPLINGS)
@@ -176,7 +182,7 @@ class TrainerConfig:
     max_epochs: int | None = checked(None, at_least(-1))
     min_steps: int | None = checked(None, at_least(-1))
     max_steps: int = checked(-1, at_least(-1))
-    max_time: str | None = None  # "DD:HH:MM:SS"
+    max_time: str | None = checked(None, DURATION)  # "DD:HH:MM:SS"
     gradient_clip_val: float | None = checked(None, NON_NEGATIVE, FINITE)
     gradient_clip_algorithm: ClipAlgorithm | None = None
     accumulate_grad_batches: int = checked(1, AT_LEAST_ONE)
@@ -184,7 +190,7 @@ class TrainerConfig:
     limit_train_batches: Any = checked(None, BATCHES_OR_FRACTION)
     limit_val_batches: Any = checked(None, BATCHES_OR_FRACTION)
     limit_test_batches: Any = checked(None, BATCHES_OR_FRACTION)
-    val_check_interval: Any = checked(None, BATCHES_OR_FRACTION)
+    val_check_interval: Any = checked(None, BATCHES_OR_FRACTION, POSITIVE)
     overfit_batches: Any = checked(0.0, BATCHES_OR_FRACTION)
     log_every_n_steps: int | None = checked(None, AT_LEAST_ONE)
     num_sanity_val_steps: int | None = checked(None, at_least(-1))
@@ -365,7 +371,7 @@ class TrainConfig:
     run_name: str | None = checked(None, PATH_COMPONENT)
     ckpt_path: str | None = None
     overwrite: bool = False
-    seed: int = 1234
+    seed: int = checked(1234, SEED)
     train: bool = True
     test: bool = True
     lr_scaling: LrScalingConfig = field(default_factory=LrScalingConfig)

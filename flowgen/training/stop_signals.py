@@ -47,8 +47,10 @@ class StopOnSignal(L.Callback):
         os.write(2, f"\n{received.name}: saving last.ckpt at the end of this step, then stopping "
                     f"(send {received.name} again to stop at once without saving)\n".encode())
 
-    def on_fit_start(self, trainer, pl_module):
-        if threading.current_thread() is not threading.main_thread():
+    def on_train_start(self, trainer, pl_module):
+        # after Lightning's own SIGTERM handler (registered after on_fit_start), which would raise
+        # SystemExit (exit status 0, nothing saved) from inside a validation; ours replaces it for the fit
+        if threading.current_thread() is not threading.main_thread() or self._previous:
             return  # handlers can only be installed from the main thread
         for sig in self.signals:
             self._previous[sig] = signal.getsignal(sig)
