@@ -112,8 +112,10 @@ def test_class_conditional_rows_per_class(trained_conditional, tmp_path):
     (["mode=interpolate", "indices=[0,100000]"], "outside the val split"),
 ])
 def test_sample_mistakes_end_in_one_line(trained_digits, tmp_path, capsys, args, message):
-    assert message in cli_error(capsys, "sample", [f"ckpt_path={trained_digits.run_dir}", f"output_dir={tmp_path}",
+    out = tmp_path / "out"
+    assert message in cli_error(capsys, "sample", [f"ckpt_path={trained_digits.run_dir}", f"output_dir={out}",
                                                    *args])
+    assert not out.exists()  # the directory made for the outputs goes again when nothing was written
 
 
 def test_label_outside_the_classes(trained_conditional, capsys):

@@ -15,7 +15,12 @@ def _run_dir_name(name) -> str:
     Checked here, where Hydra builds the path, so that a bad name never creates a directory."""
     if name and not PATH_COMPONENT.test(str(name)):
         raise UserError(f"run_name={name} {PATH_COMPONENT.rule}")
-    return str(name) if name else datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return str(name) if name else _START_TIME
+
+
+# the start time to the millisecond, fixed once per process: runs started in the same second get
+# directories of their own, and every later resolution of hydra.run.dir gives the same one
+_START_TIME = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")[:-3]
 
 
 if not OmegaConf.has_resolver("run_dir_name"):

@@ -44,8 +44,9 @@ def one_line(exc: BaseException) -> str:
 def is_user_error(exc: BaseException) -> bool:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    return _unknown_target(exc) or isinstance(exc, UserError | ValueError | FileNotFoundError |
-                                               MisconfigurationException)
+    # an output path under a file, a file where a directory should be: the user's paths, not a bug
+    paths = FileNotFoundError | FileExistsError | NotADirectoryError | IsADirectoryError
+    return _unknown_target(exc) or isinstance(exc, UserError | ValueError | paths | MisconfigurationException)
 
 
 def _remove_unused_output_dir() -> None:

@@ -112,6 +112,8 @@ def plan_run(cfg: DictConfig, overrides: list[str], defaults: Callable[[], DictC
     else:
         resumed = continue_config(saved, cfg, overrides, defaults, run_dir)
     resumed.ckpt_path = str(ckpt)
+    if cfg.get("run_name"):
+        resumed.run_name = cfg.run_name  # a branch is named by its command line
     return RunPlan(cfg=resumed, run_dir=run_dir, ckpt=ckpt)
 
 

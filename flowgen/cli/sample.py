@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ def sample(cfg: DictConfig) -> list[Path]:
     device = resolve_device(cfg.device)
     run = restore_run(cfg.ckpt_path, use_ema=cfg.use_ema, device=device, which=cfg.which)
     out_dir = given_dir or run.run_dir / "generated"
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file on the way, no permission
@@ -32,12 +34,14 @@ def sample(cfg: DictConfig) -> list[Path]:
                         "write to") from None
     torch.manual_seed(cfg.seed)
     print(run.describe(device), flush=True)
-    if cfg.mode == "sample":
-        paths = _sample_grids(cfg, run, out_dir, device)
-    elif cfg.mode == "interpolate":
-        paths = _interpolation(cfg, run, out_dir, device)
-    else:
-        paths = _reconstruction(cfg, run, out_dir, device)
+    make = {"sample": _sample_grids, "interpolate": _interpolation, "reconstruct": _reconstruction}[cfg.mode]
+    try:
+        paths = make(cfg, run, out_dir, device)
+    except BaseException:
+        if created:  # a mistake found on the way (e.g. an image index) leaves no empty directory
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
     for path in paths:
         print(f"wrote {path}", flush=True)
     return paths
