@@ -25,14 +25,17 @@ from flowgen.cli.errors import EXIT_USER_ERROR
 from flowgen.cli.overrides import refuse_unknown_choices
 from flowgen.errors import UserError
 
+_OURS = "FLOWGEN_SET_HYDRA_FULL_ERROR"  # marks HYDRA_FULL_ERROR as set by run_entry_point, not by the user
 _TYPE_NAMES = {"Integer": "an integer", "Float": "a number", "String": "a string"}
 
 
 def run_entry_point(main: Callable[[], Any]) -> None:
     """Call a ``@hydra.main`` function the way ``python <entry>.py`` does, with one-line start-up errors."""
     refuse_unknown_choices()
-    user_asked_for_traces = os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0")
+    # our own setting is inherited by DDP workers and cluster jobs: only the user's asks for traces
+    user_asked_for_traces = os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0") and _OURS not in os.environ
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    os.environ[_OURS] = "1"
     try:
         main()
     except Exception as exc:  # noqa: BLE001 - sorted just below
