@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from flowgen.cli.checkpoints import load_checkpoint, refuse_to_overwrite
 from flowgen.cli.overrides import CONFIG_DIR
 from flowgen.cli.run_files import CHECKPOINT_DIR, CONFIG_FILE, last_checkpoint, run_dir_of
+from flowgen.cli.sweeps import in_multirun
 from flowgen.errors import UserError
 
 # groups whose files are `# @package _global_`: they may set any key
@@ -79,7 +80,7 @@ def plan_run(cfg: DictConfig, overrides: list[str], defaults: Callable[[], DictC
     if requested is None:
         return _fresh(cfg, new_dir)
     if str(requested) == "last" and cfg.get("ckpt_path") == "last" and not cfg.get("run_name") \
-            and not _in_multirun():
+            and not in_multirun():
         raise UserError("ckpt_path=last needs run_name=<the run's name>: without one a run gets a new timestamped "
                         "directory, which holds no checkpoint; or pass the run's directory as ckpt_path")
     if str(requested) == "last":
@@ -134,13 +135,6 @@ def _continue_or_branch(cfg: DictConfig, ckpt: Path, run_dir: Path, new_dir: Pat
                         "there would overwrite it; pass run_name=<new name> to branch a new run from this checkpoint, "
                         f"or ckpt_path={run_dir} to continue the run")
     return run_dir
-
-
-def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _fresh(cfg: DictConfig, run_dir: Path) -> RunPlan:

@@ -94,14 +94,22 @@ PATH_OR_PATHS = Check(lambda v: _path(v) or (isinstance(v, list | tuple | ListCo
 
 
 @dataclass
-class SampleConfig:
-    task_name: str = "sample"
+class RestoredRunToolConfig:
+    """The keys every tool that loads a trained run shares (flowgen/cli/restore.py::restore_run)."""
+
+    task_name: str = MISSING
     run_name: str | None = checked(None, PATH_COMPONENT)
     ckpt_path: str | None = None  # required (the tool says so, with an example)
     which: Which = Which.best
-    mode: SampleMode = SampleMode.sample
     use_ema: bool = True
     device: str = "auto"
+    paths: Any = MISSING
+
+
+@dataclass
+class SampleConfig(RestoredRunToolConfig):
+    task_name: str = "sample"
+    mode: SampleMode = SampleMode.sample
     seed: int = 0
     output_dir: str | None = None
     upscale: int = checked(1, AT_LEAST_ONE)
@@ -114,7 +122,6 @@ class SampleConfig:
     steps: int = checked(8, at_least(2))  # interpolate: the two end points and the images between
     interpolation: Interpolation = Interpolation.spherical
     num_images: int = checked(8, AT_LEAST_ONE)
-    paths: Any = MISSING
 
 
 @dataclass
@@ -126,14 +133,9 @@ class TypicalityConfig:
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(RestoredRunToolConfig):
     task_name: str = "evaluate"
-    run_name: str | None = checked(None, PATH_COMPONENT)
-    ckpt_path: str | None = None
-    which: Which = Which.best
     split: Split = Split.test
-    use_ema: bool = True
-    device: str = "auto"
     num_samples: int | None = checked(None, AT_LEAST_ONE)  # null = the run's evaluation.num_samples
     seed: int | None = None  # null = the run's evaluation.seed
     precision: str = checked("32-true", one_of(PRECISIONS))
@@ -142,17 +144,11 @@ class EvaluateConfig:
     csv: Any = checked(True, BOOL_OR_PATH)
     typicality: TypicalityConfig = field(default_factory=TypicalityConfig)
     data: Any = None  # null = the run's own data; a data config (typed by its own schema) scores another dataset
-    paths: Any = MISSING
 
 
 @dataclass
-class ManipulateConfig:
+class ManipulateConfig(RestoredRunToolConfig):
     task_name: str = "manipulate"
-    run_name: str | None = checked(None, PATH_COMPONENT)
-    ckpt_path: str | None = None
-    which: Which = Which.best
-    use_ema: bool = True
-    device: str = "auto"
     output_dir: str | None = None
     upscale: int = checked(1, AT_LEAST_ONE)
     attribute: Any = checked(None, INT_OR_NAME)  # required (the tool says so): a class or a CelebA attribute
@@ -162,7 +158,6 @@ class ManipulateConfig:
     batch_size: int = checked(100, AT_LEAST_ONE)
     image: Any = checked(0, INDEX_OR_PATH)
     alphas: list[float] = checked(None, NOT_EMPTY, each(FINITE), factory=lambda: [-1.0, -0.5, 0.0, 0.5, 1.0])
-    paths: Any = MISSING
 
 
 @dataclass
