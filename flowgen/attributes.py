@@ -9,8 +9,9 @@ and an image is edited by moving its latent along d and decoding:
 
     x(α) = f^{-1}(z(x) + α d),      x(0) = f^{-1}(f(x)) = x
 
-The bijection f does not read a class-conditional model's label (only the top prior's density
-does), so the latents, the direction and the edit are those of the flow alone, for any label.
+The latents are taken without labels: Glow's bijection never reads them (only its top prior's
+density does), and a family whose bijection does (TarFlow) then uses its unconditional map, the
+same for encoding and decoding, so x(0) = x holds for every model.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from flowgen.models.base import latent_list, like_latents
 
 # group membership of one image: with the attribute, without it, or in neither group (ignored)
 POSITIVE, NEGATIVE, NEITHER = 1, 0, -1
@@ -34,9 +37,10 @@ class EmptyGroupError(ValueError):
 
 
 def encode(model: nn.Module, y: torch.Tensor) -> list[torch.Tensor]:
-    """z = f(y), one latent per level, for a batch of model inputs y (B, C, H, W); f reads no label."""
+    """z = f(y) as a list of latent tensors (one per scale of a multi-scale flow), for a batch of model
+    inputs y (B, C, H, W); f reads no label."""
     zs, _ = model(y)
-    return zs
+    return latent_list(zs)
 
 
 def class_groups(labels: torch.Tensor, positive: int, versus: int | None = None) -> torch.Tensor:
@@ -58,9 +62,9 @@ def binary_attribute_groups(values: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def mean_latent_difference(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
                            ) -> tuple[list[torch.Tensor], tuple[int, int]]:
-    """d_l for every level from batches (y, groups): model inputs (B, C, H, W) and memberships (B,).
+    """d_l for every latent tensor l from batches (y, groups): model inputs (B, C, H, W) and memberships (B,).
 
-    Returns (d, (|P|, |N|)), d a list of per-level tensors of one image's latent shape in the
+    Returns (d, (|P|, |N|)), d a list of per-latent tensors of one image's latent shape in the
     latents' dtype. The sums are accumulated in float64 so the batching changes the result by
     float64 rounding only. Raises EmptyGroupError when P or N is empty.
     """
@@ -86,12 +90,12 @@ def mean_latent_difference(model: nn.Module, batches: Iterable[tuple[torch.Tenso
 
 
 def direction_norm(direction: list[torch.Tensor]) -> float:
-    """|d|: the Euclidean norm of the direction over all levels together."""
+    """|d|: the Euclidean norm of the direction over all latent tensors together."""
     return float(torch.cat([d.double().flatten() for d in direction]).norm())
 
 
 def shift_latents(zs: list[torch.Tensor], direction: list[torch.Tensor], alphas) -> list[torch.Tensor]:
-    """z + α d for every α, per level: one image's latents (1, *shape) -> (len(alphas), *shape)."""
+    """z + α d for every α, per latent tensor: one image's latents (1, *shape) -> (len(alphas), *shape)."""
     edited = []
     for z, d in zip(zs, direction, strict=True):
         alpha = torch.as_tensor(alphas, dtype=z.dtype, device=z.device).reshape(-1, *([1] * d.dim()))
@@ -102,5 +106,5 @@ def shift_latents(zs: list[torch.Tensor], direction: list[torch.Tensor], alphas)
 @torch.no_grad()
 def manipulate(model: nn.Module, y: torch.Tensor, direction: list[torch.Tensor], alphas) -> torch.Tensor:
     """f^{-1}(f(y) + α d) for every α: one model input y (C, H, W) -> (len(alphas), C, H, W)."""
-    zs = encode(model, y.unsqueeze(0))
-    return model.invert(shift_latents(zs, direction, alphas))
+    zs, _ = model(y.unsqueeze(0))
+    return model.invert(like_latents(shift_latents(latent_list(zs), direction, alphas), zs))

@@ -1,8 +1,8 @@
 """Working in a flow's latent space: reconstruction and interpolation between images.
 
-A multi-scale flow maps an image y to one latent per level, z = (z_1, ..., z_L) = f(y), and
-f^{-1}(f(y)) = y up to float rounding.  Interpolation moves between the latents of two images,
-level by level, and decodes every point:
+A flow maps an image y to its latents z = f(y) (one tensor, or one per scale of a multi-scale
+flow: z = (z_1, ..., z_L)), and f^{-1}(f(y)) = y up to float rounding.  Interpolation moves
+between the latents of two images, tensor by tensor, and decodes every point:
 
     linear:     z(t) = (1 - t) z_a + t z_b
     spherical:  z(t) = sin((1 - t) ω) / sin ω · z_a + sin(t ω) / sin ω · z_b,   cos ω = <z_a, z_b> / (|z_a| |z_b|)
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from flowgen.models.base import latent_list, like_latents
 
 METHODS = ("linear", "spherical")
 
@@ -57,21 +59,6 @@ def interpolate(model: nn.Module, y_a: torch.Tensor, y_b: torch.Tensor, steps: i
     t = interpolation_weights(steps)
     zs_a, _ = model(y_a.unsqueeze(0))
     zs_b, _ = model(y_b.unsqueeze(0))
-    path = [interpolate_vectors(za[0], zb[0], t, method) for za, zb in zip(zs_a, zs_b, strict=True)]
-    return model.invert(path)
-
-
-@torch.no_grad()
-def level_reconstruction_errors(model: nn.Module, y: torch.Tensor) -> list[float]:
-    """max |f_l^{-1}(f_l(h_l)) - h_l| for each level l of a multi-scale flow, on that level's own input h_l.
-
-    Finds WHERE invertibility is lost: the end-to-end error of a deep flow mixes every level's.
-    """
-    errors = []
-    h = y
-    for i, level in enumerate(model.levels):
-        out, _ = level(h)
-        back = level.invert(out)
-        errors.append(float((back.float() - h.float()).abs().max()))
-        h = model.splits[i](out)[0] if i < len(model.splits) else out
-    return errors
+    path = [interpolate_vectors(za[0], zb[0], t, method)
+            for za, zb in zip(latent_list(zs_a), latent_list(zs_b), strict=True)]
+    return model.invert(like_latents(path, zs_a))

@@ -3,10 +3,11 @@
     performance.channels_last   the conditioner networks (where nearly all FLOPs are) keep their
                                 wide activations in NHWC layout; the flow path itself (C = 12..48
                                 channels, elementwise maps and 1x1 convolutions) stays NCHW
-    performance.compile         none | step | model:  ``step`` compiles every flow layer on its own
+    performance.compile         none | step | model:  ``step`` compiles every unit the model names
+                                (``compile_units``: flow steps, transformer blocks) on its own
                                 (identical steps share one compiled graph, quick to compile),
-                                ``model`` compiles the whole x -> (latents, log-det, log-prior)
-                                pass as one graph (longest compile, most fusion)
+                                ``model`` compiles the whole ``log_prob`` pass as one graph
+                                (longest compile, most fusion)
     performance.keep_freed_cpu_memory
                                 glibc keeps freed CPU memory for the next step instead of mapping
                                 every large tensor afresh (``keep_freed_cpu_memory``); process-wide
@@ -81,19 +82,23 @@ def set_channels_last(model: nn.Module, enabled: bool) -> int:
 
 
 def compile_model(model: nn.Module, mode: str, **compile_kwargs) -> nn.Module:
-    """Compile ``model`` in place (``torch.compile``) per flow step or as a whole; returns it."""
+    """Compile ``model`` in place (``torch.compile``) per unit or as a whole; returns it.
+
+    ``step`` compiles each of the model's ``compile_units()`` (flow steps and splits, transformer
+    blocks); ``model`` compiles ``log_prob``, the pass that training and scoring run.
+    """
     if mode not in COMPILE_MODES:
         raise UserError(f"performance.compile={mode} is not one of {', '.join(COMPILE_MODES)}")
     if mode == "step":
-        for level in getattr(model, "levels", []):
-            for layer in level:
-                layer.compile(**compile_kwargs)
-        for split in getattr(model, "splits", []):
-            split.compile(**compile_kwargs)
+        units = model.compile_units()
+        if not units:
+            raise UserError(f"performance.compile=step: {type(model).__name__} has no per-step units; "
+                            "use performance.compile=model")
+        for unit in units:
+            unit.compile(**compile_kwargs)
     elif mode == "model":
-        # log_prob and forward both go through encode: compiling it covers training and scoring.
         # An instance attribute, not a wrapper module, so state_dict keys stay those of the eager model.
-        model.encode = torch.compile(model.encode, **compile_kwargs)
+        model.log_prob = torch.compile(model.log_prob, **compile_kwargs)
     return model
 
 

@@ -12,12 +12,6 @@ from flowgen.likelihood import to_unit_interval
 SAMPLE_MODES = ("sample", "interpolate", "reconstruct")
 
 
-def num_classes_of(model: nn.Module) -> int | None:
-    """The number of classes of a class-conditional model's prior, None when it is unconditional."""
-    embedding = getattr(getattr(model, "top_prior", None), "class_embedding", None)
-    return None if embedding is None else embedding.num_classes
-
-
 @torch.no_grad()
 def sample_pixels(model: nn.Module, num_levels: int, n: int, temperature: float, labels=None,
                   generator: torch.Generator | None = None) -> torch.Tensor:

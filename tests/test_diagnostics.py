@@ -1,4 +1,4 @@
-"""The diagnostics callback: per-level terms that add up to the bpd exactly, finite values in a real run,
+"""The diagnostics callback: per-part terms that add up to the bpd exactly, finite values in a real run,
 and training left untouched."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def tiny(name: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_level_terms_add_up_to_the_bpd_exactly(name):
+def test_parts_add_up_to_the_bpd_exactly(name):
     model, y, labels = tiny(name)
     log_q = -torch.rand(5, dtype=torch.float64)  # as a variational dequantizer's log q(u|x) would be
     d = {k: float(v) for k, v in flow_diagnostics(model, y, K, log_q, labels).items()}
@@ -57,16 +57,18 @@ def test_level_terms_add_up_to_the_bpd_exactly(name):
     assert d["diagnostics/bpd"] == pytest.approx(float(expected), rel=1e-12)
     assert d["diagnostics/dequantization_bpd"] == pytest.approx(math.log2(K) + float(log_q.mean()) / (64 * math.log(2)))
     levels = range(len(model.levels))
-    total = (sum(d[f"diagnostics/level{i}/logdet_bpd"] for i in levels)
-             + d["diagnostics/bpd"] * sum(d[f"diagnostics/level{i}/prior_bpd_fraction"] for i in levels)
+    total = (sum(d[f"diagnostics/scale{i}/logdet_bpd"] for i in levels)
+             + d["diagnostics/bpd"] * sum(d[f"diagnostics/scale{i}/prior_bpd_fraction"] for i in levels)
              + d["diagnostics/dequantization_bpd"])
     assert total == pytest.approx(d["diagnostics/bpd"], rel=1e-12)
+    fractions = sum(v for k, v in d.items() if k.endswith("_bpd_fraction"))
+    assert fractions + d["diagnostics/dequantization_bpd"] / d["diagnostics/bpd"] == pytest.approx(1.0, rel=1e-12)
 
     for i, level in zip(levels, model.levels, strict=True):
         actnorm = torch.cat([m.log_scale.detach().flatten() for m in level if isinstance(m, ActNorm)])
-        assert d[f"diagnostics/level{i}/actnorm_log_scale_min"] == float(actnorm.min())
-        assert d[f"diagnostics/level{i}/actnorm_log_scale_max"] == float(actnorm.max())
-        low, mean, high = (d[f"diagnostics/level{i}/coupling_log_scale_{s}"] for s in ("min", "mean", "max"))
+        assert d[f"diagnostics/scale{i}/actnorm_log_scale_min"] == float(actnorm.min())
+        assert d[f"diagnostics/scale{i}/actnorm_log_scale_max"] == float(actnorm.max())
+        low, mean, high = (d[f"diagnostics/scale{i}/coupling_log_scale_{s}"] for s in ("min", "mean", "max"))
         assert low < mean < high
         if name == "glow":
             assert high < 0  # log σ(h + 2) < 0
@@ -94,7 +96,7 @@ def test_additive_couplings_have_no_scale_to_report():
     initialize_actnorms(model, torch.rand(4, 1, 8, 8) - 0.5)
     model.eval()
     d = flow_diagnostics(model, torch.rand(4, 1, 8, 8) - 0.5, K)
-    assert not any("coupling_log_scale" in k for k in d) and "diagnostics/level0/actnorm_log_scale_max" in d
+    assert not any("coupling_log_scale" in k for k in d) and "diagnostics/scale0/actnorm_log_scale_max" in d
 
 
 @pytest.mark.parametrize("bad", [{"every_n_steps": 0}, {"num_images": 0}])
@@ -137,6 +139,7 @@ def test_a_training_run_logs_finite_diagnostics(tmp_path):
     logged = [r for r in rows if r.get("diagnostics/bpd")]
     assert [int(r["step"]) for r in logged] == [2, 4, 6]
     names = [k for k in rows[0] if k.startswith("diagnostics/")]
-    assert len(names) == 2 + 2 * 8  # bpd, dequantization_bpd, then 8 per level of the 2-level Glow
+    # bpd, dequantization_bpd, then per scale of the 2-scale Glow: 2 parts x (bpd, fraction), 2 groups x 3 scales
+    assert len(names) == 2 + 2 * 10
     assert all(math.isfinite(float(r[k])) for r in logged for k in names)
     assert float(logged[0]["diagnostics/dequantization_bpd"]) == pytest.approx(math.log2(K))

@@ -253,10 +253,10 @@ def test_squeeze_matches_openai_channel_order():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(transform="spline2"), "unknown coupling transform"),
+        (dict(transform="spline2"), "unknown transform"),
         (dict(transform="spline", spline_bins=1), "spline_bins >= 2"),
         (dict(transform="spline", spline_bound=0.0), "spline_bound > 0"),
-        (dict(scale="exp"), "unknown coupling scale"),
+        (dict(scale="softplus"), "unknown affine scale"),
         (dict(mask="stripes"), "unknown coupling mask"),
     ],
 )

@@ -14,7 +14,7 @@ from flowgen.cli.restore import RestoredRun, instantiate_data, resolve_device, r
 from flowgen.config.checks import validated
 from flowgen.latents import interpolate, reconstruct
 from flowgen.likelihood import to_unit_interval
-from flowgen.sampling import image_grid, num_classes_of, temperature_rows
+from flowgen.sampling import image_grid, temperature_rows
 
 
 def sample(cfg: DictConfig) -> list[Path]:
@@ -49,7 +49,7 @@ def sample(cfg: DictConfig) -> list[Path]:
 
 def _labels(cfg: DictConfig, run: RestoredRun, device) -> tuple[list[tuple[str, torch.Tensor | None]], int | None]:
     """[(file tag, labels of one row)] for the grids, and the number of classes."""
-    num_classes = num_classes_of(run.model)
+    num_classes = run.model.num_classes
     label = cfg.get("label")
     if num_classes is None:
         if label is not None:

@@ -43,9 +43,10 @@ from flowgen.config.checks import (
 )
 from flowgen.data.datamodule import DATASETS
 from flowgen.flows.memory import MEMORY_MODES
-from flowgen.models.glow import COUPLINGS, PERMUTATIONS
+from flowgen.models.glow import PERMUTATIONS
 from flowgen.performance import COMPILE_MODES
 from flowgen.training.schedules import SCHEDULES
+from flowgen.transforms import TRANSFORMS
 
 # Lightning's precision names (what Trainer(precision=...) accepts), without importing its connector
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-true", "16-true", "64-true", "64",
@@ -61,7 +62,7 @@ def choices(name: str, values) -> type[Enum]:
     return enum
 
 
-Coupling = choices("Coupling", COUPLINGS)
+Coupling = choices("Coupling", TRANSFORMS)
 Permutation = choices("Permutation", PERMUTATIONS)
 MemoryMode = choices("MemoryMode", MEMORY_MODES)
 Schedule = choices("Schedule", SCHEDULES)

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from flowgen.flows.base import Flow, logdet_dtype, no_autocast
+from flowgen.flows.memory import DataDependentInit
 
 # Below this per-channel standard deviation the data-dependent scale 1/std is meaningless
 # (it would overflow or amplify float noise), so initialisation refuses instead of
@@ -23,7 +24,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class ActNorm(Flow):
+class ActNorm(Flow, DataDependentInit):
     """Per-channel affine map with data-dependent initialisation.
 
         z = (x + b) * exp(s)                       b, s ∈ R^C broadcast over (H, W)

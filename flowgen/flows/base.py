@@ -52,6 +52,15 @@ class Flow(nn.Module):
         inherit this; layers that would spend a pass over the activations on it override it."""
         return self.inverse(z, cond)[0]
 
+    def reconstruct(self, z: torch.Tensor, cond: torch.Tensor | None = None, input_grad: bool = True):
+        """For invertible backprop (``flowgen.flows.memory``): (x, z', logdet') with x = f^{-1}(z) a leaf
+        (requiring grad when ``input_grad``) and (z', logdet') = f(x) recomputed with its graph.
+        Couplings override it to run their conditioner once instead of twice."""
+        with torch.no_grad():
+            x = self.invert(z, cond)
+        x = x.detach().requires_grad_(input_grad)
+        return (x, *self(x, cond))
+
 
 class FlowSequence(Flow):
     """Composition f = f_n ∘ ... ∘ f_1:  log|det J_f| = Σ_i log|det J_{f_i}|.

@@ -3,13 +3,11 @@
 The input is split by a mask into an identity part x_a and a transformed part x_b, and a
 conditioner network h = NN(x_a [, cond]) parametrises an elementwise bijection of x_b:
 
-    additive (NICE)       z_b = x_b + t                     log|det| = 0
-    affine, Glow          z_b = (x_b + t) · σ(h_s + 2)       log|det| = Σ log σ(h_s + 2)
-    affine, RealNVP       z_b = x_b · exp(α·tanh(h_s)) + t  log|det| = Σ α·tanh(h_s)
-    spline (NSF)          z_b = RQS_h(x_b)                  log|det| = Σ log RQS_h'(x_b)
+    z_b = f_h(x_b)        log|det dz/dx| = Σ_{i ∈ b} log f_h'(x_i)
 
-where RQS_h is a monotone rational-quadratic spline on [-B, B] with K bins, identity outside
-(``flowgen.flows.splines``); h gives each transformed element its 3K - 1 spline parameters.
+with f any elementwise transform of ``flowgen.transforms``: additive (NICE), affine with Glow's
+σ(h_s + 2) or RealNVP's α·tanh(h_s) scale, or a rational-quadratic spline (NSF); h gives each
+transformed element its ``transform.num_params`` numbers.
 
 z_a = x_a, so the Jacobian is triangular and its log-determinant is the sum above over the
 transformed elements only.  The inverse needs h = NN(z_a) = NN(x_a) and is exact.
@@ -27,15 +25,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from flowgen.flows.base import Flow, no_autocast, sum_except_batch, zero_logdet
-from flowgen.flows.splines import num_spline_params, rational_quadratic_spline
+from flowgen.transforms import TransformOptions, make_transform
 
-TRANSFORMS = ("additive", "affine", "spline")
-SCALES = ("sigmoid", "tanh")
 MASKS = ("channel", "checkerboard")
 
 ConditionerFactory = Callable[[int, int], nn.Module]
@@ -49,10 +44,11 @@ def checkerboard(height: int, width: int, parity: int, like: torch.Tensor) -> to
 
 
 class Coupling(Flow):
-    """Additive, affine or spline coupling with a channel or checkerboard mask (see module docstring).
+    """A coupling with any elementwise transform of ``flowgen.transforms`` and a channel or checkerboard mask.
 
-    ``scale`` picks the affine scale parametrisation; ``spline_bins`` (K) and ``spline_bound`` (B)
-    configure the spline transform.
+    ``transform`` names the transform (``TRANSFORMS``); ``scale`` picks the affine scale
+    parametrisation; ``spline_bins`` (K) and ``spline_bound`` (B) configure the spline.  The
+    conditioner's output holds parameter p of transformed channel c at channel p·C_b + c.
     """
 
     def __init__(
@@ -68,28 +64,20 @@ class Coupling(Flow):
         spline_bound: float = 3.0,
     ):
         super().__init__()
-        if transform not in TRANSFORMS:
-            raise ValueError(f"unknown coupling transform {transform!r}; choose one of {TRANSFORMS}")
-        if scale not in SCALES:
-            raise ValueError(f"unknown coupling scale {scale!r}; choose one of {SCALES}")
         if mask not in MASKS:
             raise ValueError(f"unknown coupling mask {mask!r}; choose one of {MASKS}")
-        if transform == "spline" and (not isinstance(spline_bins, int) or spline_bins < 2 or not spline_bound > 0):
-            raise ValueError(f"a spline coupling needs spline_bins >= 2 and spline_bound > 0, got {spline_bins} and "
-                             f"{spline_bound}")
         if mask == "channel" and channels < 2:
             raise ValueError(f"a channel coupling needs at least 2 channels, got {channels}")
-        self.channels, self.transform, self.scale, self.mask, self.parity = channels, transform, scale, mask, parity
+        self.channels, self.mask, self.parity = channels, mask, parity
         if mask == "channel":
             self.id_channels = channels // 2
             in_ch, out_ch = self.id_channels, channels - self.id_channels
         else:
             in_ch, out_ch = channels, channels
-        self.spline_bins, self.spline_bound = spline_bins, float(spline_bound)
-        factor = {"additive": 1, "affine": 2, "spline": num_spline_params(spline_bins)}[transform]
-        self.net = conditioner(in_ch + cond_channels, factor * out_ch)
-        if transform == "affine" and scale == "tanh":
-            self.alpha = nn.Parameter(torch.ones(1, out_ch, 1, 1))
+        options = TransformOptions(scale=scale, alpha_shape=(out_ch, 1, 1), spline_bins=spline_bins,
+                                   spline_bound=spline_bound)
+        self.transform = make_transform(transform, options)
+        self.net = conditioner(in_ch + cond_channels, self.transform.num_params * out_ch)
 
     # -- masking ---------------------------------------------------------------------------
     def _split(self, x):
@@ -107,40 +95,11 @@ class Coupling(Flow):
         return torch.where(change > 0, z_b, x)  # identity part untouched (exactly), the rest replaced
 
     # -- the elementwise bijection ---------------------------------------------------------
-    def _params(self, x_a, cond, dtype) -> tuple[torch.Tensor, ...]:
-        """The conditioner's parameters of the map: (shift,), (shift, log_scale) or spline (widths, heights, slopes)."""
+    def _params(self, x_a, cond, dtype) -> torch.Tensor:
+        """The conditioner's parameters of the map, (B, C_b, H, W, num_params), in the map's dtype."""
         inp = x_a if cond is None else torch.cat([x_a, cond.to(x_a.dtype)], 1)
         h = self.net(inp).to(dtype)  # the conditioner may run in bf16; the map runs in float32
-        if self.transform == "additive":
-            return (h,)
-        if self.transform == "spline":
-            # channel-major layout: output channel c holds element c's 3K - 1 parameters
-            h = rearrange(h, "b (c p) h w -> b c h w p", p=num_spline_params(self.spline_bins))
-            k = self.spline_bins
-            return h[..., :k], h[..., k : 2 * k], h[..., 2 * k :]
-        shift, raw = h.chunk(2, dim=1)
-        if self.scale == "sigmoid":
-            return shift, F.logsigmoid(raw + 2.0)
-        return shift, self.alpha.to(dtype) * torch.tanh(raw)
-
-    def _map(self, x_b, params, inverse: bool, derivative: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The elementwise bijection (or its inverse) and its elementwise log-derivative (None when 0,
-        or when ``derivative`` is False: the map alone)."""
-        if self.transform == "additive":
-            (shift,) = params
-            return (x_b - shift if inverse else x_b + shift), None
-        if self.transform == "spline":
-            return rational_quadratic_spline(x_b, *params, bound=self.spline_bound, inverse=inverse,
-                                             derivative=derivative)
-        shift, log_scale = params
-        if inverse:  # sigmoid: z = (x + t) · e^s;  tanh: z = x · e^s + t
-            neg_log_scale = -log_scale  # the inverse's log-derivative, and its scale's exponent
-            inverse_scale = neg_log_scale.exp()
-            x_b = x_b * inverse_scale - shift if self.scale == "sigmoid" else (x_b - shift) * inverse_scale
-            return x_b, (neg_log_scale if derivative else None)
-        if self.scale == "sigmoid":
-            return (x_b + shift) * log_scale.exp(), log_scale
-        return x_b * log_scale.exp() + shift, log_scale
+        return rearrange(h, "b (p c) h w -> b c h w p", p=self.transform.num_params)
 
     def _logdet(self, x, log_derivative, change):
         if log_derivative is None:
@@ -155,7 +114,7 @@ class Coupling(Flow):
         x_a, x_b, change = self._split(x)
         params = self._params(x_a, cond, x.dtype)
         with no_autocast(x):
-            _, log_derivative = self._map(x_b, params, inverse=False)
+            _, log_derivative = self.transform(x_b, params)
         if log_derivative is None:
             return None
         if change is None:  # channel mask: every element of x_b is transformed
@@ -166,7 +125,7 @@ class Coupling(Flow):
         x_a, x_b, change = self._split(x)
         params = self._params(x_a, cond, x.dtype)
         with no_autocast(x):
-            z_b, log_derivative = self._map(x_b, params, inverse=False)
+            z_b, log_derivative = self.transform(x_b, params)
             return self._merge(x_a, z_b, x, change), self._logdet(x, log_derivative, change)
 
     def inverse(self, z, cond=None):
@@ -182,10 +141,13 @@ class Coupling(Flow):
         z_a, z_b, change = self._split(z)
         params = self._params(z_a, cond, z.dtype)
         with no_autocast(z):
-            x_b, log_derivative = self._map(z_b, params, inverse=True, derivative=derivative)
+            if derivative:
+                x_b, log_derivative = self.transform.inverse(z_b, params)
+            else:
+                x_b, log_derivative = self.transform.invert(z_b, params), None
             return self._merge(z_a, x_b, z, change), log_derivative, change
 
-    def reconstruct(self, z, cond=None):
+    def reconstruct(self, z, cond=None, input_grad: bool = True):
         """For invertible backprop (flowgen.flows.memory): (x, z', logdet') where x = f^{-1}(z) is a
         leaf that requires grad and (z', logdet') = f(x) is recomputed with its graph, running the
         conditioner ONCE instead of once for the inverse and once for the recompute.
@@ -194,14 +156,14 @@ class Coupling(Flow):
         it, with grad, from a leaf that still holds z; the transformed part of x is then written into
         the leaf's other positions (outside autograd: the conditioner never read them).
         """
-        x = z.detach().clone().requires_grad_(True)
+        x = z.detach().clone().requires_grad_(True)  # with grad always: the conditioner's graph starts here
         x_a, _, change = self._split(x)
         params = self._params(x_a, cond, z.dtype)
         with torch.no_grad(), no_autocast(z):
             z_a, z_b, _ = self._split(z)
-            x_b, _ = self._map(z_b, params, inverse=True, derivative=False)
+            x_b = self.transform.invert(z_b, params)
             x.data.copy_(self._merge(z_a, x_b, z, change))
         _, x_b, _ = self._split(x)
         with no_autocast(x):
-            z_b, log_derivative = self._map(x_b, params, inverse=False)
+            z_b, log_derivative = self.transform(x_b, params)
             return x, self._merge(x_a, z_b, x, change), self._logdet(x, log_derivative, change)

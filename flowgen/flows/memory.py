@@ -80,9 +80,17 @@ def run_flows(flows: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor | None, 
     return x, logdet
 
 
+class DataDependentInit(nn.Module):
+    """A layer that initialises itself from its first training batch (ActNorm): the sequence must run
+    that batch once without recording before it can recompute (``forward_with_memory``)."""
+
+    def _is_initialized(self) -> bool:  # pragma: no cover
+        """Whether the first batch has been seen, as a Python bool (no device sync once True)."""
+        raise NotImplementedError
+
+
 # Per sequence, its layers with a data-dependent initialisation (ActNorm, also inside the
 # conditioners), found once: walking hundreds of submodules every step costs milliseconds.
-# Such layers share one convention: ``_is_initialized()``, a Python bool (no device sync once True).
 _initialising: weakref.WeakKeyDictionary[nn.ModuleList, list[nn.Module]] = weakref.WeakKeyDictionary()
 
 
@@ -90,7 +98,7 @@ def _pending_initialisation(flows: nn.ModuleList) -> bool:
     """True while a layer with data-dependent initialisation has not seen its first training batch."""
     layers = _initialising.get(flows)
     if layers is None:
-        layers = _initialising[flows] = [m for m in flows.modules() if hasattr(m, "_is_initialized")]
+        layers = _initialising[flows] = [m for m in flows.modules() if isinstance(m, DataDependentInit)]
     return any(m.training and not m._is_initialized() for m in layers)
 
 
@@ -157,15 +165,8 @@ class InvertibleSequence(torch.autograd.Function):
                 params = [p for p in flow.parameters() if id(p) in index]
                 if not (need_x or params or cond_grad):
                     break  # the first layer, and nothing before it wants a gradient
-                if hasattr(flow, "reconstruct"):  # a coupling: inverse and recompute share one conditioner pass
-                    with torch.enable_grad():
-                        x, z_re, ld = flow.reconstruct(z, cond)
-                else:
-                    with torch.no_grad():
-                        x = flow.invert(z, cond)  # this layer's input, reconstructed from its output
-                    x = x.detach().requires_grad_(need_x)
-                    with torch.enable_grad():
-                        z_re, ld = flow(x, cond)  # recomputed: this layer's graph only
+                with torch.enable_grad():  # this layer's input from its output, and its graph only
+                    x, z_re, ld = flow.reconstruct(z, cond, need_x)
                 pairs = [(z_re, grad_z)]
                 if grad_logdet is not None:
                     pairs.append((ld, grad_logdet))  # every layer's log-det has weight 1 in the sum

@@ -16,8 +16,8 @@ from flowgen.flows.split import Split
 from flowgen.flows.squeeze import Squeeze
 from flowgen.models.multiscale import MultiScaleFlow
 from flowgen.models.validation import check_choice, check_image_size, check_positive
+from flowgen.transforms import TRANSFORMS
 
-COUPLINGS = ("affine", "additive", "spline")
 PERMUTATIONS = ("lu", "conv", "shuffle", "reverse")
 
 
@@ -61,7 +61,7 @@ class Glow(MultiScaleFlow):
         spline_bound: float = 3.0,
     ):
         check_positive(in_channels=in_channels, levels=levels, steps=steps, hidden_channels=hidden_channels)
-        check_choice("coupling", coupling, COUPLINGS)
+        check_choice("coupling", coupling, tuple(TRANSFORMS))
         check_choice("permutation", permutation, PERMUTATIONS)
         check_choice("memory", memory, MEMORY_MODES)
         check_image_size(image_size, 2**levels, f"Glow with levels={levels} squeezes {levels} times")

@@ -18,13 +18,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flowgen.flows.actnorm import ActNorm
 from flowgen.flows.base import FlowSequence, zero_logdet
+from flowgen.flows.coupling import Coupling
 from flowgen.flows.prior import TopPrior
 from flowgen.flows.split import Split
+from flowgen.models.base import FlowModel, LogProbParts, check_temperature, labels_for
 
 
-class MultiScaleFlow(nn.Module):
-    """Levels of flows with factor-out between them and Gaussian priors on every latent."""
+class MultiScaleFlow(FlowModel):
+    """Levels of flows with factor-out between them and Gaussian priors on every latent.
+
+    In the model contract's terms (``flowgen.models.base``) the parts of log p(x) are, for each
+    scale l = 0..L-1, ``scale{l}/logdet`` (Σ log|det J| of its layers) and ``scale{l}/prior`` (the
+    split prior of the latent it factors out; the top prior for the last scale).
+    """
 
     def __init__(self, levels: list[FlowSequence], splits: list[Split], top_prior: TopPrior,
                  in_channels: int, image_size: int):
@@ -38,8 +46,9 @@ class MultiScaleFlow(nn.Module):
         self.image_size = image_size
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return (self.in_channels, self.image_size, self.image_size)
+    def num_classes(self) -> int | None:
+        embedding = self.top_prior.class_embedding
+        return None if embedding is None else embedding.num_classes
 
     # -- data -> latents -------------------------------------------------------------------
     def _bijection(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -72,6 +81,47 @@ class MultiScaleFlow(nn.Module):
         """log p(x) in nats, shape (B,): prior log-density of the latents plus log|det J|."""
         _, logdet, log_prior = self.encode(x, y)
         return log_prior + logdet
+
+    def log_prob_parts(self, x: torch.Tensor, y=None) -> LogProbParts:
+        """The walk of ``encode`` layer by layer, keeping each scale's log-det and prior term apart,
+        with the log-derivatives of its couplings and the log-scales of its ActNorms."""
+        terms, log_derivatives = {}, {}
+        h = x
+        for i, level in enumerate(self.levels):
+            logdet, couplings = zero_logdet(h), []
+            for layer in level:
+                if isinstance(layer, Coupling):
+                    s = layer.log_scales(h)
+                    if s is not None:
+                        couplings.append(s.to(logdet.dtype))
+                h, ld = layer(h)
+                logdet = logdet + ld
+            if i < len(self.splits):
+                h, _, log_prior = self.splits[i](h)
+            else:
+                log_prior = self.top_prior.log_prob(h, y)
+            terms[f"scale{i}/logdet"], terms[f"scale{i}/prior"] = logdet, log_prior
+            actnorms = [layer.log_scale.flatten() for layer in level if isinstance(layer, ActNorm)]
+            if couplings:
+                log_derivatives[f"scale{i}/coupling"] = torch.cat(couplings)
+            if actnorms:
+                log_derivatives[f"scale{i}/actnorm"] = torch.cat(actnorms).to(logdet.dtype)
+        return LogProbParts(terms, log_derivatives)
+
+    def compile_units(self) -> list[nn.Module]:
+        """Every flow step and every split: identical steps share one compiled graph."""
+        return [layer for level in self.levels for layer in level] + list(self.splits)
+
+    @torch.no_grad()
+    def reconstruction_errors(self, x: torch.Tensor) -> dict[str, float]:
+        """max |f_l^{-1}(f_l(h_l)) - h_l| for each scale l on its own input h_l."""
+        errors = {}
+        h = x
+        for i, level in enumerate(self.levels):
+            out, _ = level(h)
+            errors[f"scale{i}"] = float((level.invert(out).float() - h.float()).abs().max())
+            h = self.splits[i](out)[0] if i < len(self.splits) else out
+        return errors
 
     # -- latents -> data -------------------------------------------------------------------
     def decode(self, zs: list[torch.Tensor | None] | None = None, n: int | None = None, y=None,
@@ -117,12 +167,7 @@ class MultiScaleFlow(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, y=None, generator=None, return_latents: bool = False):
         """Draw n images at ``temperature`` (T scales every level's prior std; T=0 gives the means)."""
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        param = next(self.parameters())
-        if y is not None:
-            y = torch.as_tensor(y, device=param.device).long().flatten()
-            if y.numel() == 1 and n > 1:
-                y = y.expand(n)
+        check_temperature(temperature)
+        y = labels_for(y, n, next(self.parameters()).device)
         x, zs, _ = self.decode(n=n, y=y, temperature=temperature, generator=generator, logdet=False)
         return (x, zs) if return_latents else x

@@ -14,8 +14,7 @@ from flowgen.flows.split import Split
 from flowgen.flows.squeeze import Squeeze
 from flowgen.models.multiscale import MultiScaleFlow
 from flowgen.models.validation import check_choice, check_image_size, check_positive
-
-COUPLINGS = ("affine", "additive", "spline")
+from flowgen.transforms import TRANSFORMS
 
 
 class RealNVP(MultiScaleFlow):
@@ -56,7 +55,7 @@ class RealNVP(MultiScaleFlow):
         check_positive(in_channels=in_channels, scales=scales, hidden_channels=hidden_channels)
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
-        check_choice("coupling", coupling, COUPLINGS)
+        check_choice("coupling", coupling, tuple(TRANSFORMS))
         check_choice("memory", memory, MEMORY_MODES)
         factor = 2 ** (scales - 1)
         check_image_size(image_size, factor, f"RealNVP with scales={scales} squeezes {scales - 1} times")

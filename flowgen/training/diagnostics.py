@@ -1,21 +1,22 @@
-"""Flow diagnostics: where each level's bits go, and how far its scales have moved.
+"""Flow diagnostics: where the bits go, part by part, and how far the layers' scales have moved.
 
-The per-image bound of ``flowgen.likelihood`` splits exactly into one log-det and one prior term
-per level l = 0..L-1 of a multi-scale flow, plus the dequantization term (D = C·H·W, K levels):
+The per-image bound of ``flowgen.likelihood`` splits exactly into the named parts of log p(y)
+that every model offers (``FlowModel.log_prob_parts``: each scale's or block's log-det, each
+prior term) plus the dequantization term (D = C·H·W, K pixel levels):
 
-    bpd = Σ_l logdet_bpd_l + Σ_l prior_bpd_l + dequantization_bpd
+    bpd = Σ_parts part_bpd + dequantization_bpd
 
-    logdet_bpd_l        = -Σ_{layers of level l} log|det J| / (D ln 2)    (< 0 where the level expands volume)
-    prior_bpd_l         = -log p(z_l | h_l) / (D ln 2)                      (the top prior for the last level)
-    dequantization_bpd  = (log q(u|x) + D log K) / (D ln 2)                 (= log2 K for uniform noise)
+    part_bpd            = -part / (D ln 2)      (a log-det part is < 0 where its layers expand volume)
+    dequantization_bpd  = (log q(u|x) + D log K) / (D ln 2)     (= log2 K for uniform noise)
 
-and ``prior_bpd_fraction_l = prior_bpd_l / bpd``.  Next to these, per level: the log-scale
-s = log |∂z_i/∂x_i| of every element a coupling transforms (Glow: s = log σ(h + 2) < 0; RealNVP:
-s = α·tanh(h); spline: the log-slope of the spline at x_i; additive couplings have none), as
-min/mean/max, and the min/max of the ActNorm log-scales (z = (x + b)·exp(s)).
+Logged as ``diagnostics/<part>_bpd`` (e.g. ``diagnostics/scale0/logdet_bpd``, ``diagnostics/block3/logdet_bpd``,
+``diagnostics/prior_bpd``) with ``<part>_bpd_fraction = part_bpd / bpd``, the share of the total.
+Next to these, for every group of elementwise log-derivatives the model reports (the log-scale
+s = log |∂z_i/∂x_i| of each element a coupling or autoregressive layer transforms; ActNorm's
+log-scales), their min / mean / max as ``diagnostics/<group>_log_scale_{min,mean,max}``.
 
-Everything comes from ONE no-grad pass over the levels (the walk of ``MultiScaleFlow.encode``,
-layer by layer), so no hook stays registered and the memory mode of the levels plays no part.
+Everything comes from ONE no-grad ``log_prob_parts`` pass, so no hook stays registered and the
+memory mode of the model plays no part.
 """
 
 from __future__ import annotations
@@ -23,54 +24,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import lightning as L
 import torch
 from torch import nn
 
-from flowgen.flows.actnorm import ActNorm
-from flowgen.flows.base import zero_logdet
-from flowgen.flows.coupling import Coupling
 from flowgen.likelihood import bits_per_dim, log_likelihood_bound, nats_to_bpd
 
 PREFIX = "diagnostics/"
 
 
-@dataclass
-class LevelTerms:
-    """What one level contributes, on a batch of B images."""
-
-    logdet: torch.Tensor  # (B,) Σ log|det J| of the level's layers
-    log_prior: torch.Tensor  # (B,) log-density of the level's latent under its prior
-    coupling_log_scale: torch.Tensor | None  # log-scale of every transformed element, flat; None: additive only
-    actnorm_log_scale: torch.Tensor | None  # every ActNorm log-scale of the level, flat; None: no ActNorm
-
-
 @torch.no_grad()
-def level_terms(model: nn.Module, y: torch.Tensor, labels: torch.Tensor | None = None) -> list[LevelTerms]:
-    """Walk a multi-scale flow's levels on model inputs y as ``encode`` does, keeping each level's terms apart."""
-    terms = []
-    h = y
-    for i, level in enumerate(model.levels):
-        logdet, scales = zero_logdet(h), []
-        for layer in level:
-            if isinstance(layer, Coupling):
-                s = layer.log_scales(h)
-                if s is not None:
-                    scales.append(s.to(logdet.dtype))
-            h, ld = layer(h)
-            logdet = logdet + ld
-        if i < len(model.splits):
-            h, _, log_prior = model.splits[i](h)
-        else:
-            log_prior = model.top_prior.log_prob(h, labels)
-        actnorms = [layer.log_scale.detach().flatten() for layer in level if isinstance(layer, ActNorm)]
-        terms.append(LevelTerms(logdet, log_prior, torch.cat(scales) if scales else None,
-                                torch.cat(actnorms) if actnorms else None))
-    return terms
-
-
 def flow_diagnostics(model: nn.Module, y: torch.Tensor, num_levels: int, log_q: torch.Tensor | None = None,
                      labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The diagnostics of the module docstring as 0-d tensors (means over the batch), named ``diagnostics/...``.
@@ -79,27 +43,20 @@ def flow_diagnostics(model: nn.Module, y: torch.Tensor, num_levels: int, log_q: 
     num_levels: K.  Call it with the model in eval mode (a training-mode pass would initialise ActNorm).
     """
     num_dims = math.prod(y.shape[1:])
-    levels = level_terms(model, y, labels)
-    log_p = sum(t.logdet + t.log_prior for t in levels)
+    parts = model.log_prob_parts(y, labels)
+    log_p = parts.total()
     bpd = bits_per_dim(log_likelihood_bound(log_p, num_dims, num_levels, log_q), num_dims).mean()
     # the bound's terms other than log p(y): log q(u|x) + D log K
     dequantization_nats = -log_likelihood_bound(torch.zeros_like(log_p), num_dims, num_levels, log_q)
     metrics = {f"{PREFIX}bpd": bpd, f"{PREFIX}dequantization_bpd": nats_to_bpd(dequantization_nats, num_dims).mean()}
-    for i, t in enumerate(levels):
-        name = f"{PREFIX}level{i}/"
-        prior_bpd = nats_to_bpd(-t.log_prior, num_dims).mean()
-        metrics[name + "logdet_bpd"] = nats_to_bpd(-t.logdet, num_dims).mean()
-        metrics[name + "prior_bpd"] = prior_bpd
-        metrics[name + "prior_bpd_fraction"] = prior_bpd / bpd
-        if t.coupling_log_scale is not None:
-            s = t.coupling_log_scale
-            metrics[name + "coupling_log_scale_min"] = s.min()
-            metrics[name + "coupling_log_scale_mean"] = s.mean()
-            metrics[name + "coupling_log_scale_max"] = s.max()
-        if t.actnorm_log_scale is not None:
-            s = t.actnorm_log_scale
-            metrics[name + "actnorm_log_scale_min"] = s.min()
-            metrics[name + "actnorm_log_scale_max"] = s.max()
+    for name, term in parts.terms.items():
+        part_bpd = nats_to_bpd(-term, num_dims).mean()
+        metrics[f"{PREFIX}{name}_bpd"] = part_bpd
+        metrics[f"{PREFIX}{name}_bpd_fraction"] = part_bpd / bpd
+    for name, s in parts.log_derivatives.items():
+        metrics[f"{PREFIX}{name}_log_scale_min"] = s.min()
+        metrics[f"{PREFIX}{name}_log_scale_mean"] = s.mean()
+        metrics[f"{PREFIX}{name}_log_scale_max"] = s.max()
     return metrics
 
 

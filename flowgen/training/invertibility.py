@@ -7,7 +7,7 @@ import warnings
 import lightning as L
 import torch
 
-from flowgen.latents import level_reconstruction_errors, reconstruct
+from flowgen.latents import reconstruct
 
 
 class InvertibilityMonitor(L.Callback):
@@ -15,7 +15,7 @@ class InvertibilityMonitor(L.Callback):
     trained weights on a fixed batch (the first validation batch at the bin centres, or the first
     training batch when there is no validation).
 
-    Above ``threshold`` it warns and names the level with the largest error (exact inverses
+    Above ``threshold`` it warns and names the part of the flow (scale, block) with the largest error (exact inverses
     are exact only up to rounding; growing errors come from near-singular 1x1 convolutions or
     coupling scales that are too large or too small). The check is a no-grad forward + inverse
     of one batch, so it costs about one evaluation batch per ``every_n_steps`` steps.
@@ -52,11 +52,11 @@ class InvertibilityMonitor(L.Callback):
         try:
             error = float((reconstruct(model, y) - y).abs().max())
             if error > self.threshold and trainer.is_global_zero:
-                levels = level_reconstruction_errors(model, y) if hasattr(model, "levels") else []
+                parts = model.reconstruction_errors(y)
                 where = ""
-                if levels:
-                    worst = max(range(len(levels)), key=levels.__getitem__)
-                    where = f"; worst level {worst} (per level: {', '.join(f'{e:.2g}' for e in levels)})"
+                if parts:
+                    worst = max(parts, key=parts.__getitem__)
+                    where = f"; worst part {worst} ({', '.join(f'{name} {e:.2g}' for name, e in parts.items())})"
                 warnings.warn(f"step {step}: reconstruction error {error:.3g} > {self.threshold:g}{where}; "
                               "consider a lower learning rate or float32 for the flow", stacklevel=1)
         finally:

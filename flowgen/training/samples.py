@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import save_image
 
-from flowgen.sampling import image_grid, num_classes_of, temperature_rows
+from flowgen.sampling import image_grid, temperature_rows
 
 
 class SampleGrid(L.Callback):
@@ -42,7 +42,7 @@ class SampleGrid(L.Callback):
         """(3, H', W') image grid of samples, rows = temperatures."""
         device = pl_module.device
         model = pl_module.eval_model
-        num_classes = num_classes_of(model)
+        num_classes = model.num_classes
         labels = None if num_classes is None else torch.arange(self.num_per_row, device=device) % num_classes
         images = temperature_rows(model, pl_module.num_levels, self.num_per_row, self.temperatures, labels,
                                   self.seed, device)
