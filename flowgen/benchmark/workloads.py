@@ -165,18 +165,18 @@ def normflows_glow(cfg: DictConfig):
         import normflows as nf
     except ImportError:
         raise UserError("benchmark.compare=[normflows] needs the normflows package: pip install normflows") from None
-    model = cfg.model
-    if not str(model._target_).endswith("Glow"):
-        raise UserError(f"the normflows comparison builds Glow only; model={model._target_} has no normflows twin")
-    if model.permutation not in ("lu", "conv"):
-        raise UserError(f"normflows' Glow has no permutation={model.permutation}; use model.permutation=lu or conv")
-    levels, steps, width = int(model.levels), int(model.steps), int(model.hidden_channels)
-    channels, size = int(model.in_channels), int(model.image_size)
+    model_cfg = cfg.model
+    if not str(model_cfg._target_).endswith("Glow"):
+        raise UserError(f"the normflows comparison builds Glow only; model={model_cfg._target_} has no normflows twin")
+    if model_cfg.permutation not in ("lu", "conv"):
+        raise UserError(f"normflows' Glow has no permutation={model_cfg.permutation}; use model.permutation=lu or conv")
+    levels, steps, width = int(model_cfg.levels), int(model_cfg.steps), int(model_cfg.hidden_channels)
+    channels, size = int(model_cfg.in_channels), int(model_cfg.image_size)
     q0, flows, merges = [], [], []
     for i in range(levels):  # normflows lists levels from the top (coarsest) down
         step_channels = channels * 2 ** (levels + 1 - i)  # 4^(L-i) channels after L-i squeezes, halved L-i-1 times
-        level = [nf.flows.GlowBlock(step_channels, width, scale=model.coupling == "affine", scale_map="sigmoid",
-                                    split_mode="channel", use_lu=model.permutation == "lu", net_actnorm=True)
+        level = [nf.flows.GlowBlock(step_channels, width, scale=model_cfg.coupling == "affine", scale_map="sigmoid",
+                                    split_mode="channel", use_lu=model_cfg.permutation == "lu", net_actnorm=True)
                  for _ in range(steps)]
         level.append(nf.flows.Squeeze())
         flows.append(level)
