@@ -45,13 +45,17 @@ class TransformOptions:
     """Everything a layer may tell a transform about itself; each transform reads what it needs.
 
     scale: the affine scale parametrisation (``AFFINE_SCALES``).
-    alpha_shape: shape of the learned α of the tanh scale, broadcast against x (e.g. (C, 1, 1):
-        one α per channel of an image; (D,): one per coordinate of a vector).
+    alpha_shape: shape of the α of the tanh scale, broadcast against x (e.g. (C, 1, 1): one α per
+        channel of an image; (D,): one per coordinate of a vector).
+    alpha: the tanh scale's α at initialisation (the bound |log scale| < α); ``learn_alpha=False``
+        keeps it fixed (a buffer), as the 2-D playground's scale bound.
     spline_bins, spline_bound: K bins on [-B, B] of the spline; the identity outside.
     """
 
     scale: str = "sigmoid"
     alpha_shape: tuple[int, ...] = (1,)
+    alpha: float = 1.0
+    learn_alpha: bool = True
     spline_bins: int = 8
     spline_bound: float = 3.0
 
@@ -95,17 +99,24 @@ class Affine(ElementwiseTransform):
 
     num_params = 2
 
-    def __init__(self, scale: str = "sigmoid", alpha_shape: tuple[int, ...] = (1,)):
+    def __init__(self, scale: str = "sigmoid", alpha_shape: tuple[int, ...] = (1,), alpha: float = 1.0,
+                 learn_alpha: bool = True):
         super().__init__()
         if scale not in AFFINE_SCALES:
             raise ValueError(f"unknown affine scale {scale!r}; choose one of {', '.join(AFFINE_SCALES)}")
         self.scale = scale
         if scale == "tanh":
-            self.alpha = nn.Parameter(torch.ones(tuple(alpha_shape)))
+            if not float(alpha) > 0:
+                raise ValueError(f"the tanh scale's alpha must be > 0, got {alpha!r}")
+            initial = torch.full(tuple(alpha_shape), float(alpha))
+            if learn_alpha:
+                self.alpha = nn.Parameter(initial)
+            else:
+                self.register_buffer("alpha", initial)
 
     @classmethod
     def from_options(cls, options):
-        return cls(options.scale, options.alpha_shape)
+        return cls(options.scale, options.alpha_shape, options.alpha, options.learn_alpha)
 
     def shift_and_log_scale(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shift, raw = params[..., 0], params[..., 1]

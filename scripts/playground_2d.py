@@ -1,7 +1,8 @@
-"""Fit a coupling flow to a toy 2-D density and draw it: `python scripts/playground_2d.py density=moons`.
+"""Fit a coupling, MAF or IAF flow to a toy 2-D density and draw it: `python scripts/playground_2d.py density=moons`.
 
-Options in configs/playground_2d.yaml (density, flow.coupling=affine|spline, flow.num_layers, ...);
-the work is flowgen/playground/run.py.  Writes two PNGs to the run directory and prints their paths,
+Options in configs/playground_2d.yaml (density, flow.kind=coupling|maf|iaf, flow.coupling=affine|spline,
+flow.num_layers, ...); the work is flowgen/playground/run.py.  Writes two PNGs to the run directory and
+prints their paths,
 the test NLL and the grid integral of the learned density.
 """
 

@@ -10,9 +10,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from flowgen.cli.errors import run_reporting_errors
+from flowgen.flows.autoregressive import MaskedAutoregressive
 from flowgen.playground.densities import DENSITIES, sample_density
 from flowgen.playground.figures import density_figure, evolution_figure
-from flowgen.playground.flows2d import AffineCoupling, SplineCoupling, VectorActNorm, build_flow
+from flowgen.playground.flows2d import FLOW_KINDS, AffineCoupling, SplineCoupling, VectorActNorm, build_flow
 from flowgen.playground.grid import integrate
 from flowgen.playground.model import FlowDensity2d, standard_normal_log_prob
 from flowgen.playground.run import playground_2d
@@ -45,6 +46,12 @@ LAYERS = {
     "affine-flow": lambda: build_flow(3, "affine", 16),
     "spline-flow": lambda: build_flow(3, "spline", 16, spline_bins=5, spline_bound=2.0),
     "spline-flow-no-actnorm": lambda: build_flow(2, "spline", 16, actnorm=False, spline_bins=4, spline_bound=2.0),
+    "maf-affine-flow": lambda: build_flow(3, "affine", 16, kind="maf"),
+    "maf-spline-flow": lambda: build_flow(3, "spline", 16, kind="maf", spline_bins=5, spline_bound=2.0),
+    "iaf-affine-flow": lambda: build_flow(3, "affine", 16, kind="iaf", scale_bound=1.0),
+    "iaf-spline-flow-no-actnorm": lambda: build_flow(2, "spline", 16, actnorm=False, kind="iaf", spline_bins=4,
+                                                     spline_bound=2.0),
+    "maf-affine-flow-5d": lambda: build_flow(2, "affine", 16, kind="maf", dim=5),
 }
 
 
@@ -52,7 +59,8 @@ LAYERS = {
 def test_layer_inverts_and_its_logdet_is_log_abs_det_jacobian(name):
     torch.manual_seed(0)
     layer = LAYERS[name]().double()
-    x = 1.5 * torch.randn(16, 2, dtype=torch.float64)  # |x| beyond the spline bound 2 too: the identity tails
+    dim = 5 if name.endswith("5d") else 2
+    x = 1.5 * torch.randn(16, dim, dtype=torch.float64)  # |x| beyond the spline bound 2 too: the identity tails
     initialize_actnorms(layer, 2 * x + 1)
     perturb_parameters(layer, std=0.5)  # zero-initialised couplings would be the identity
     layer.eval()
@@ -60,6 +68,7 @@ def test_layer_inverts_and_its_logdet_is_log_abs_det_jacobian(name):
     x_back, inverse_logdet = layer.inverse(z)
     assert logdet.shape == (16,) and logdet.dtype == torch.float64
     assert torch.allclose(x_back, x, atol=1e-10)
+    assert torch.equal(layer.invert(z), x_back)
     assert torch.allclose(inverse_logdet, -logdet, atol=1e-10)
     assert torch.allclose(logdet, jacobian_logdets(lambda v: layer(v)[0], x), atol=1e-9)
     assert logdet.abs().max() > 0.05  # the check above is not about an identity map
@@ -76,19 +85,53 @@ def test_couplings_start_as_the_identity_and_keep_their_conditioning_coordinate(
     assert torch.equal(z[:, 1], x[:, 1]) and not torch.allclose(z[:, 0], x[:, 0])  # parity 1 keeps x_2, moves x_1
 
 
+def test_affine_layers_of_every_kind_have_the_fixed_scale_bound_and_start_as_the_identity():
+    for kind in FLOW_KINDS:
+        flow = build_flow(2, "affine", 8, actnorm=False, scale_bound=1.5, kind=kind)
+        layer = flow.flows[1].flows[0]
+        assert isinstance(layer, MaskedAutoregressive) == (kind != "coupling")
+        assert torch.equal(layer.transform.alpha, torch.tensor([1.5]))  # S, a constant: not among the parameters
+        assert all(p is not layer.transform.alpha for p in flow.parameters())
+        x = 3 * torch.randn(32, 2)
+        z, logdet = flow(x)
+        assert torch.equal(z, x) and torch.equal(logdet, torch.zeros(32))
+    assert type(build_flow(1, "spline", 8, actnorm=False).flows[0].flows[0]).__name__ == "Coupling2d"  # the default
+    with pytest.raises(ValueError, match="unknown flow kind 'naf'; choose one of coupling, maf, iaf"):
+        build_flow(2, "affine", 8, kind="naf")
+
+
+def test_maf_and_iaf_alternate_the_order_between_blocks():
+    flow = build_flow(3, "spline", 8, actnorm=False, kind="iaf")
+    orders = [block.flows[0].order.tolist() for block in flow]
+    assert orders == [[0, 1], [1, 0], [0, 1]]
+    assert [block.flows[0].direction for block in flow] == ["iaf"] * 3
+
+
 # ---- the learned density is a density: it integrates to 1 -------------------------------------------
 
-def fit_moons(coupling: str) -> tuple[FlowDensity2d, list[float]]:
+FITS = [(kind, coupling) for kind in FLOW_KINDS for coupling in ("affine", "spline")]
+
+
+def fit_moons(coupling: str, kind: str = "coupling") -> tuple[FlowDensity2d, list[float]]:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    model = FlowDensity2d(build_flow(4, coupling, 32))
+    model = FlowDensity2d(build_flow(4, coupling, 32, kind=kind))
     losses = train(model, lambda n: sample_density("moons", n, rng), steps=250, batch_size=256, lr=5e-3)
     return model, losses
 
 
 @pytest.fixture(scope="module")
 def fitted():
-    return {coupling: fit_moons(coupling) for coupling in ("affine", "spline")}
+    """fitted(kind, coupling): that flow fitted to the moons, once per module (2-3 s each on one core),
+    on the first test that asks for it, so that no single test pays for all six."""
+    fits = {}
+
+    def fit(kind: str, coupling: str) -> tuple[FlowDensity2d, list[float]]:
+        if (kind, coupling) not in fits:
+            fits[kind, coupling] = fit_moons(coupling, kind)
+        return fits[kind, coupling]
+
+    return fit
 
 
 def test_grid_integral_of_a_known_density_is_one():
@@ -97,9 +140,9 @@ def test_grid_integral_of_a_known_density_is_one():
     assert integrate(shifted, 6.0, 200) == pytest.approx(np.exp(0.01), abs=1e-6)
 
 
-@pytest.mark.parametrize("coupling", ["affine", "spline"])
-def test_trained_density_integrates_to_one(fitted, coupling):
-    model, losses = fitted[coupling]
+@pytest.mark.parametrize(("kind", "coupling"), FITS)
+def test_trained_density_integrates_to_one(fitted, kind, coupling):
+    model, losses = fitted(kind, coupling)
     test = sample_density("moons", 5000, np.random.default_rng(1))
     gaussian_fit = 0.5 * np.log(np.linalg.det(2 * np.pi * np.e * np.cov(test.numpy().T)))  # NLL of the best Gaussian
     assert mean_nll(model, test) < gaussian_fit - 0.5, "training did not move the flow away from a Gaussian"
@@ -108,7 +151,7 @@ def test_trained_density_integrates_to_one(fitted, coupling):
 
 
 def test_stages_go_from_the_gaussian_to_the_model(fitted):
-    model, _ = fitted["spline"]
+    model, _ = fitted("coupling", "spline")
     z = torch.randn(64, 2)
     stages = model.stages(z)
     assert len(stages) == len(model.blocks) + 1 and torch.equal(stages[0], z)
@@ -131,7 +174,7 @@ def test_toy_densities_are_seeded_2d_points_in_the_plotted_square(name):
 
 
 def test_figures_are_written(fitted, tmp_path):
-    model, _ = fitted["affine"]
+    model, _ = fitted("coupling", "affine")
     data = sample_density("moons", 500, np.random.default_rng(0))
     for draw in (evolution_figure, density_figure):
         path = draw(model, data, tmp_path / "figs" / f"{draw.__name__}.png", extent=4.5, grid_size=40, points=300)
@@ -152,6 +195,15 @@ def test_playground_run_prints_the_nll_the_integral_and_the_figures(tmp_path, ca
     assert abs(result["integral"] - 1) < 0.01 and np.isfinite(result["nll"])
     assert f"test NLL: {result['nll']:.4f} nats" in out and f"{result['integral']:.5f}" in out
     assert "step    30/30" in out and f"wrote {tmp_path / 'rings_spline_layers.png'}" in out
+
+
+def test_playground_run_with_an_autoregressive_kind(tmp_path, capsys):
+    assert composed([]).flow.kind == "coupling"
+    result = playground_2d(composed([*TINY, "flow.kind=iaf", f"output_dir={tmp_path}"]))
+    out = capsys.readouterr().out
+    assert [p.name for p in result["figures"]] == ["moons_iaf_affine_layers.png", "moons_iaf_affine_density.png"]
+    assert abs(result["integral"] - 1) < 0.01 and np.isfinite(result["nll"])
+    assert "fitting moons, 2 affine IAF layers" in out
 
 
 @pytest.mark.parametrize(("override", "message"), [

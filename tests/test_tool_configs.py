@@ -111,6 +111,7 @@ def test_benchmark_composes_train_unchanged(tmp_path):
     ("ood_histogram", ["bins=many"], "bins=many: bins must be an integer"),
     ("playground_2d", ["density=foo"], "density=foo: density must be one of moons, eight_gaussians, checkerboard"),
     ("playground_2d", ["flow.coupling=glow"], "flow.coupling=glow: flow.coupling must be one of affine, spline"),
+    ("playground_2d", ["flow.kind=naf"], "flow.kind=naf: flow.kind must be one of coupling, maf, iaf"),
     ("playground_2d", ["train.steps=many"], "train.steps=many: train.steps must be an integer"),
     ("benchmark", ["benchmark.gemm=maybe"], "benchmark.gemm=maybe: benchmark.gemm must be a boolean"),
     ("benchmark", ["benchmark.timed_steps=ten"], "benchmark.timed_steps=ten: benchmark.timed_steps must be an integer"),

@@ -51,6 +51,7 @@ from flowgen.data.splits import SPLITS
 from flowgen.latents import METHODS
 from flowgen.playground.densities import DENSITIES
 from flowgen.playground.flows2d import COUPLINGS as COUPLINGS_2D
+from flowgen.playground.flows2d import FLOW_KINDS as FLOW_KINDS_2D
 from flowgen.sampling import SAMPLE_MODES
 
 WHICH = ("best", "last")  # a run directory's checkpoint for the tools (flowgen/cli/run_files.py)
@@ -61,6 +62,7 @@ SampleMode = choices("SampleMode", SAMPLE_MODES)
 Interpolation = choices("Interpolation", METHODS)
 Density = choices("Density", DENSITIES)
 Coupling2D = choices("Coupling2D", COUPLINGS_2D)
+FlowKind2D = choices("FlowKind2D", FLOW_KINDS_2D)
 
 POSITIVE_FINITE = (POSITIVE, FINITE)
 TEMPERATURES = (NOT_EMPTY, each(FINITE), each(at_least(0)))
@@ -176,6 +178,7 @@ class OodHistogramConfig:
 
 @dataclass
 class Flow2DConfig:
+    kind: FlowKind2D = FlowKind2D.coupling  # coupling | maf | iaf; flow.coupling is the transform of each
     coupling: Coupling2D = Coupling2D.affine
     num_layers: int = checked(8, AT_LEAST_ONE)
     hidden: int = checked(64, AT_LEAST_ONE)

@@ -1,6 +1,7 @@
 """Invertible layers with the uniform contract forward(x, cond) -> (z, logdet), inverse(z, cond) -> (x, logdet)."""
 
 from flowgen.flows.actnorm import ActNorm
+from flowgen.flows.autoregressive import DIRECTIONS, MADE, MaskedAutoregressive, MaskedLinear
 from flowgen.flows.base import Flow, FlowSequence
 from flowgen.flows.coupling import Coupling
 from flowgen.flows.invconv import InvConv1x1, InvConv1x1LU
@@ -13,6 +14,10 @@ from flowgen.flows.squeeze import Squeeze
 
 __all__ = [
     "ActNorm",
+    "DIRECTIONS",
+    "MADE",
+    "MaskedAutoregressive",
+    "MaskedLinear",
     "Coupling",
     "Flow",
     "FlowSequence",

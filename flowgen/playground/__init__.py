@@ -1,4 +1,5 @@
-"""The 2-D playground: coupling flows on toy 2-D densities, trained in seconds and drawn layer by layer."""
+"""The 2-D playground: coupling and masked autoregressive flows on toy 2-D densities, trained in seconds
+and drawn layer by layer."""
 
 from flowgen.playground.densities import DENSITIES, sample_density
 from flowgen.playground.flows2d import COUPLINGS, AffineCoupling, SplineCoupling, VectorActNorm, build_flow

@@ -3,19 +3,27 @@
     forward(x) -> (z, logdet)     logdet = log|det ∂z/∂x|, shape (B,)
     inverse(z) -> (x, logdet)     logdet = log|det ∂x/∂z| = minus forward's
 
-A coupling splits the D coordinates into a kept part x_a (the coordinates i with i % 2 == parity)
-and a transformed part x_b (the others), and maps x_b elementwise with parameters h = NN(x_a) from
-an MLP; couplings alternate ``parity``, so for D = 2 one layer moves x_1 given x_2, the next x_2
-given x_1, and so on:
+Three kinds of flow layer (``FLOW_KINDS``), all mapping coordinates with the same elementwise
+transform of ``flowgen.transforms`` (``COUPLINGS``, the config's ``flow.coupling``):
 
-    affine    z_b = x_b · exp(s) + t,  s = S · tanh(h^s),  t = h^t     log|det| = Σ s
-    spline    z_b = RQS_h(x_b)                                      log|det| = Σ log RQS_h'(x_b)
+    affine    z_i = x_i · exp(s) + t,  s = S · tanh(h^s),  t = h^t     log|det| = Σ s
+    spline    z_i = RQS_h(x_i)                                      log|det| = Σ log RQS_h'(x_i)
 
-and z_a = x_a.  The Jacobian is triangular (z_a does not depend on x_b), so its log-determinant is
-the sum over the transformed coordinates above, and the inverse recomputes the same h from
-z_a = x_a.  |s| ≤ S bounds each layer's stretch, which keeps training stable.  The MLP's last layer
-starts at zero, so s = t = 0 and all spline parameters are 0: every coupling starts as the
-identity (see ``flowgen.flows.splines``; RQS is the identity outside [-B, B]).
+(affine is ``Affine(scale="tanh")`` with α fixed at S = ``scale_bound``, not learned: |s| < S bounds
+each layer's stretch, which keeps training stable; spline is ``Spline``, the identity outside [-B, B]).
+
+coupling  splits the D coordinates into a kept part x_a (the coordinates i with i % 2 == parity)
+          and a transformed part x_b (the others), h = NN(x_a) from an MLP; z_a = x_a.  Couplings
+          alternate ``parity``, so for D = 2 one layer moves x_2 given x_1, the next x_1 given x_2.
+          The inverse recomputes the same h from z_a = x_a: one pass each way.
+maf, iaf  masked autoregressive layers (``flowgen.flows.autoregressive``): every coordinate is
+          transformed, coordinate i with parameters from the coordinates before it (MADE);
+          consecutive layers alternate the order (0, 1, ..., D-1, then reversed).  MAF computes the
+          density in one pass and samples in D passes, IAF the opposite.
+
+All Jacobians are triangular, so the log-determinants are the sums above.  The conditioners'
+last layers start at zero, so s = t = 0 and all spline parameters are 0: every layer starts as the
+identity.
 
 ``VectorActNorm`` is Glow's ActNorm (``flowgen.flows.actnorm``) on vectors, one "channel" per
 coordinate:  z = (x + b) ⊙ exp(s),  log|det| = Σ_i s_i,  b and s set from the first batch so that
@@ -25,13 +33,16 @@ z starts with zero mean and unit variance per coordinate.
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from flowgen.flows.actnorm import ActNorm
-from flowgen.flows.base import Flow, FlowSequence, sum_except_batch
-from flowgen.flows.splines import num_spline_params, rational_quadratic_spline
+from flowgen.flows.autoregressive import MaskedAutoregressive
+from flowgen.flows.base import Flow, FlowSequence, sum_except_batch, zero_logdet
+from flowgen.transforms import ElementwiseTransform, TransformOptions, make_transform
 
-COUPLINGS = ("affine", "spline")
+COUPLINGS = ("affine", "spline")  # the transform of every kind of layer (the config key is flow.coupling)
+FLOW_KINDS = ("coupling", "maf", "iaf")
 
 
 def mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
@@ -44,62 +55,63 @@ def mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
     return net
 
 
-class Coupling2d(Flow):
-    """The split shared by both couplings: kept coordinates i % 2 == parity, the others transformed."""
+def bounded_affine(scale_bound: float) -> ElementwiseTransform:
+    """``Affine(scale="tanh")`` with α a constant S (a buffer, not a parameter): s = S · tanh(h^s) ∈ (-S, S)."""
+    return make_transform("affine", TransformOptions(scale="tanh", alpha=scale_bound, learn_alpha=False))
 
-    def __init__(self, dim: int, parity: int):
+
+def spline(bins: int, bound: float) -> ElementwiseTransform:
+    return make_transform("spline", TransformOptions(spline_bins=bins, spline_bound=bound))
+
+
+class Coupling2d(Flow):
+    """z_b = f(x_b; NN(x_a)), z_a = x_a, with kept coordinates i % 2 == parity and any elementwise transform f.
+
+    The MLP's output holds parameter p of the j-th transformed coordinate at p · |b| + j.
+    """
+
+    def __init__(self, dim: int, hidden: int, parity: int, transform: ElementwiseTransform):
         super().__init__()
         if dim < 2:
             raise ValueError(f"a coupling needs at least 2 coordinates, got {dim}")
         coordinates = torch.arange(dim)
         self.register_buffer("kept", coordinates[coordinates % 2 == parity], persistent=False)
         self.register_buffer("changed", coordinates[coordinates % 2 != parity], persistent=False)
+        self.transform = transform
+        self.net = mlp(len(self.kept), hidden, transform.num_params * len(self.changed))
 
-    def _map(self, x_b: torch.Tensor, h: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the map of x_b, or its inverse, given h;  its elementwise log-derivative)."""
-        raise NotImplementedError  # pragma: no cover
+    def _params(self, x: torch.Tensor) -> torch.Tensor:
+        return rearrange(self.net(x[:, self.kept]), "b (p d) -> b d p", p=self.transform.num_params)
 
-    def _couple(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.net(x[:, self.kept])
-        z_b, log_derivative = self._map(x[:, self.changed], h, inverse)
-        return x.index_copy(1, self.changed, z_b), sum_except_batch(log_derivative)
+    def _logdet(self, x: torch.Tensor, log_derivative: torch.Tensor | None) -> torch.Tensor:
+        return zero_logdet(x) if log_derivative is None else sum_except_batch(log_derivative)
 
     def forward(self, x, cond=None):
-        return self._couple(x, inverse=False)
+        z_b, log_derivative = self.transform(x[:, self.changed], self._params(x))
+        return x.index_copy(1, self.changed, z_b), self._logdet(x, log_derivative)
 
     def inverse(self, z, cond=None):
-        return self._couple(z, inverse=True)
+        x_b, log_derivative = self.transform.inverse(z[:, self.changed], self._params(z))
+        return z.index_copy(1, self.changed, x_b), self._logdet(z, log_derivative)
+
+    def invert(self, z, cond=None):
+        return z.index_copy(1, self.changed, self.transform.invert(z[:, self.changed], self._params(z)))
 
 
 class AffineCoupling(Coupling2d):
     """z_b = x_b · exp(s) + t,  (s, t) from NN(x_a),  s = S · tanh(·) ∈ (-S, S)."""
 
     def __init__(self, dim: int, hidden: int, parity: int, scale_bound: float = 2.0):
-        super().__init__(dim, parity)
-        self.net = mlp(len(self.kept), hidden, 2 * len(self.changed))
+        super().__init__(dim, hidden, parity, bounded_affine(scale_bound))
         self.scale_bound = scale_bound
-
-    def _map(self, x_b, h, inverse):
-        shift, raw = h.chunk(2, dim=1)
-        log_scale = self.scale_bound * torch.tanh(raw)
-        if inverse:
-            return (x_b - shift) * (-log_scale).exp(), -log_scale
-        return x_b * log_scale.exp() + shift, log_scale
 
 
 class SplineCoupling(Coupling2d):
     """z_b = RQS_h(x_b),  h = NN(x_a): K bins on [-B, B], the identity outside."""
 
     def __init__(self, dim: int, hidden: int, parity: int, bins: int = 8, bound: float = 4.0):
-        super().__init__(dim, parity)
+        super().__init__(dim, hidden, parity, spline(bins, bound))
         self.bins, self.bound = bins, bound
-        self.net = mlp(len(self.kept), hidden, len(self.changed) * num_spline_params(bins))
-
-    def _map(self, x_b, h, inverse):
-        k = self.bins
-        h = h.view(x_b.shape[0], x_b.shape[1], num_spline_params(k))  # coordinate-major: 3K - 1 numbers each
-        return rational_quadratic_spline(x_b, h[..., :k], h[..., k : 2 * k], h[..., 2 * k :], self.bound,
-                                         inverse=inverse)
 
 
 class VectorActNorm(Flow):
@@ -119,12 +131,16 @@ class VectorActNorm(Flow):
 
 
 def build_flow(num_layers: int, coupling: str, hidden: int, actnorm: bool = True, scale_bound: float = 2.0,
-               spline_bins: int = 8, spline_bound: float = 4.0, dim: int = 2) -> FlowSequence:
-    """``num_layers`` blocks, each [VectorActNorm,] coupling, with the coupling's mask alternating.
+               spline_bins: int = 8, spline_bound: float = 4.0, dim: int = 2, kind: str = "coupling") -> FlowSequence:
+    """``num_layers`` blocks, each [VectorActNorm,] layer of ``kind`` with the transform ``coupling``.
 
-    Block j transforms the coordinates i with i % 2 != j % 2.  The blocks are the "layers" the
+    Block j alternates: a coupling transforms the coordinates i with i % 2 != j % 2; a MAF or IAF
+    layer takes the coordinates in the order 0..D-1 for even j and D-1..0 for odd j (its MADE has two
+    hidden layers of width ``hidden``, as the coupling's MLP).  The blocks are the "layers" the
     evolution figure steps through, so a block is itself a FlowSequence.
     """
+    if kind not in FLOW_KINDS:
+        raise ValueError(f"unknown flow kind {kind!r}; choose one of {', '.join(FLOW_KINDS)}")
     if coupling not in COUPLINGS:
         raise ValueError(f"unknown coupling {coupling!r}; choose one of {', '.join(COUPLINGS)}")
     if not isinstance(num_layers, int) or num_layers < 1:
@@ -138,9 +154,10 @@ def build_flow(num_layers: int, coupling: str, hidden: int, actnorm: bool = True
                          f"and {spline_bound!r}")
     blocks = []
     for j in range(num_layers):
-        if coupling == "affine":
-            layer = AffineCoupling(dim, hidden, parity=j % 2, scale_bound=scale_bound)
+        transform = bounded_affine(scale_bound) if coupling == "affine" else spline(spline_bins, spline_bound)
+        if kind == "coupling":
+            layer = Coupling2d(dim, hidden, j % 2, transform)
         else:
-            layer = SplineCoupling(dim, hidden, parity=j % 2, bins=spline_bins, bound=spline_bound)
+            layer = MaskedAutoregressive(dim, hidden, transform, kind, order=None if j % 2 == 0 else "reverse")
         blocks.append(FlowSequence([VectorActNorm(dim), layer] if actnorm else [layer]))
     return FlowSequence(blocks)

@@ -5,7 +5,7 @@
 3. report the NLL of fresh test points and ∫∫ p(x) dx over a grid (``grid.integrate``; 1 for a
    correctly normalised flow whose mass lies inside the grid);
 4. write ``<density>_<coupling>_layers.png`` and ``<density>_<coupling>_density.png``
-   (``figures``) to ``output_dir``.
+   (``figures``) to ``output_dir`` (``<density>_<kind>_<coupling>_...`` for flow.kind=maf|iaf).
 """
 
 from __future__ import annotations
@@ -39,8 +39,12 @@ def playground_2d(cfg: DictConfig) -> dict:
     torch.manual_seed(seed)
     data_rng = np.random.default_rng(seed)
     model = FlowDensity2d(build_flow(cfg.flow.num_layers, cfg.flow.coupling, cfg.flow.hidden, cfg.flow.actnorm,
-                                     cfg.flow.scale_bound, cfg.flow.spline_bins, cfg.flow.spline_bound))
-    name = f"{cfg.density}, {cfg.flow.num_layers} {cfg.flow.coupling} couplings"
+                                     cfg.flow.scale_bound, cfg.flow.spline_bins, cfg.flow.spline_bound,
+                                     kind=cfg.flow.kind))
+    coupling = cfg.flow.kind == "coupling"
+    blocks = "couplings" if coupling else f"{str(cfg.flow.kind).upper()} layers"
+    name = f"{cfg.density}, {cfg.flow.num_layers} {cfg.flow.coupling} {blocks}"
+    stem = f"{cfg.density}_{cfg.flow.coupling}" if coupling else f"{cfg.density}_{cfg.flow.kind}_{cfg.flow.coupling}"
     print(f"fitting {name} ({sum(p.numel() for p in model.parameters())} parameters), {cfg.train.steps} steps",
           flush=True)
     start = time.perf_counter()
@@ -55,10 +59,8 @@ def playground_2d(cfg: DictConfig) -> dict:
     shown = sample_density(cfg.density, max(cfg.figure.points, 20000), np.random.default_rng(seed + 2))
     title = f"{name}: test NLL {nll:.3f} nats"
     figure_args = dict(extent=cfg.figure.extent, grid_size=cfg.figure.grid_size, points=cfg.figure.points, seed=seed)
-    layers = evolution_figure(model, shown, output / f"{cfg.density}_{cfg.flow.coupling}_layers.png", title=title,
-                              **figure_args)
-    density = density_figure(model, shown, output / f"{cfg.density}_{cfg.flow.coupling}_density.png", title=title,
-                             **figure_args)
+    layers = evolution_figure(model, shown, output / f"{stem}_layers.png", title=title, **figure_args)
+    density = density_figure(model, shown, output / f"{stem}_density.png", title=title, **figure_args)
     R, N = cfg.evaluate.integral_extent, cfg.evaluate.integral_grid
     print(f"trained in {seconds:.1f} s", flush=True)
     print(f"test NLL: {nll:.4f} nats per point ({cfg.evaluate.test_points} fresh points)", flush=True)

@@ -1,0 +1,204 @@
+"""What an autoregressive flow costs: density and sampling time of coupling, MAF and IAF flows, side by side.
+
+    python scripts/benchmark_autoregressive.py                       # D = 2, 64, 784 on the CPU
+    python scripts/benchmark_autoregressive.py --dims 64 --batch 256 --transform spline
+
+Every flow is ``--layers`` blocks of one kind (``flowgen.playground.flows2d.build_flow``, no ActNorm)
+on (B, D) vectors, with the same elementwise transform and conditioners of the same size (two hidden
+layers of width H: the coupling's MLP, the MAF's or IAF's MADE).  Per block, a conditioner pass is
+
+    coupling   density 1 pass,  sampling 1 pass      (x_a given, x_b transformed)
+    MAF        density 1 pass,  sampling D passes    (x_i needs x_<i)
+    IAF        density D passes, sampling 1 pass     (z_i needs z_<i)
+
+so the sequential direction costs about D times the parallel one; the passes column counts the
+conditioner calls of one block with a hook during the timed calls, and the times are medians of
+``--repeats`` calls (fewer for a variant whose calls exceed ``--budget`` seconds), all variants of one
+D timed in alternating rounds (as ``measure.interleaved_times``) so that a slow spell of a shared
+machine hits each alike.  "parameters" counts the numbers a flow can train: a MADE's masked-out
+weights are left out.  log_prob = log N(f(x); 0, I) + log|det ∂f/∂x|, sampling =
+f^{-1}(z) with ``invert`` (no log-determinant).  The CPU's name and its vector-extension flags
+(avx2, avx512f, avx512_bf16, amx) are printed with the table: they decide the matrix-product speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flowgen.benchmark.measure import median, timed
+from flowgen.flows.autoregressive import MaskedAutoregressive, MaskedLinear
+from flowgen.flows.base import FlowSequence
+from flowgen.playground.flows2d import FLOW_KINDS, build_flow
+from flowgen.playground.model import standard_normal_log_prob
+
+# the flags that decide a CPU's float32 / bf16 matrix-product speed, in the order printed
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """'<model name>; flags: avx2 fma ...' from /proc/cpuinfo (those of ``CPU_FLAGS`` it has)."""
+    if not cpuinfo.is_file():
+        return platform.processor() or platform.machine()
+    name, flags = platform.machine(), set()
+    for line in cpuinfo.read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and name == platform.machine():
+            name = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    present = [flag for flag in CPU_FLAGS if flag in flags]
+    missing = [flag for flag in CPU_FLAGS if flag not in flags]
+    return f"{name}; flags: {' '.join(present) or 'none'} (no {' '.join(missing) or '-'})"
+
+
+@dataclass
+class Row:
+    dim: int
+    batch: int
+    hidden: int
+    kind: str
+    parameters: int
+    density_passes: int
+    sampling_passes: int
+    log_prob_ms: float
+    sample_ms: float
+    calls: int  # timed calls behind the medians (fewest of the two)
+
+
+def effective_parameters(flow: FlowSequence) -> int:
+    """Trainable numbers that can be non-zero: a MADE's masked-out weights are not counted."""
+    masked = sum(int((m.mask == 0).sum()) for m in flow.modules() if isinstance(m, MaskedLinear))
+    return sum(p.numel() for p in flow.parameters()) - masked
+
+
+def conditioner(flow: FlowSequence) -> torch.nn.Module:
+    """The first block's conditioner network: a coupling's MLP ``net`` or a MAF's / IAF's ``made``."""
+    layer = flow.flows[0].flows[0]
+    return layer.made if isinstance(layer, MaskedAutoregressive) else layer.net
+
+
+def timed_rounds(calls: dict[str, Callable[[], object]], repeats: int, budget: float, device: torch.device,
+                 before_call: Callable[[str], None]) -> dict[str, list[float]]:
+    """``measure.interleaved_times`` with a budget: a variant is timed ``repeats`` times in alternating rounds,
+    or fewer (at least once) when its calls have already taken ``budget`` seconds (the sequential directions
+    at large D take minutes a call; their median over fewer calls is still far above the noise)."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            if times[name] and sum(times[name]) >= budget:
+                continue
+            before_call(name)
+            times[name].append(timed(fn, device))
+    return times
+
+
+def measure_dim(dim: int, batch: int, hidden: int, layers: int, transform: str, repeats: int, budget: float,
+                device: torch.device) -> list[Row]:
+    """Time log_prob and sampling of every kind of flow at one D, in alternating rounds."""
+    torch.manual_seed(0)
+    flows = {kind: build_flow(layers, transform, hidden, actnorm=False, dim=dim, kind=kind).to(device).eval()
+             for kind in FLOW_KINDS}
+    for flow in flows.values():  # away from the zero-initialised identity: the times do not depend on it,
+        with torch.no_grad():    # but the sequential passes then solve a real triangular system
+            for p in flow.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    x = torch.randn(batch, dim, device=device)
+
+    def log_prob(flow):
+        z, logdet = flow(x)
+        return standard_normal_log_prob(z) + logdet
+
+    calls = {}
+    for kind, flow in flows.items():
+        calls[f"{kind}/log_prob"] = lambda flow=flow: log_prob(flow)
+        calls[f"{kind}/sample"] = lambda flow=flow: flow.invert(x)
+    # count the first block's conditioner calls of every timed call (hooks cost one Python call a pass)
+    running, passes = ["warm-up"], dict.fromkeys(["warm-up", *calls], 0)
+
+    def count(*_):
+        passes[running[0]] += 1
+
+    hooks = [conditioner(flow).register_forward_hook(count) for flow in flows.values()]
+    try:
+        with torch.no_grad():
+            # warm-up (allocations, oneDNN primitives) with the one-pass calls: the sequential ones run the
+            # same networks on the same shapes, D times
+            for name in ("coupling/log_prob", "coupling/sample", "maf/log_prob", "iaf/sample"):
+                calls[name]()
+            times = timed_rounds(calls, repeats, budget, device, lambda name: running.__setitem__(0, name))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    rows = []
+    for kind, flow in flows.items():
+        density, sampling = f"{kind}/log_prob", f"{kind}/sample"
+        rows.append(Row(dim, batch, hidden, kind, effective_parameters(flow),
+                        passes[density] // len(times[density]), passes[sampling] // len(times[sampling]),
+                        1000 * median(times[density]), 1000 * median(times[sampling]),
+                        min(len(times[density]), len(times[sampling]))))
+    return rows
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| D | batch | hidden | flow | parameters | conditioner passes per block (density / sampling) "
+             "| log_prob (ms) | sampling (ms) | sampling / log_prob | timed calls |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.dim} | {r.batch} | {r.hidden} | {r.kind} | {r.parameters:,} | "
+                     f"{r.density_passes} / {r.sampling_passes} | {r.log_prob_ms:,.2f} | {r.sample_ms:,.2f} | "
+                     f"{r.sample_ms / r.log_prob_ms:.3g} | {r.calls} |")
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dims", type=int, nargs="+", default=[2, 64, 784], help="vector sizes D (784: 28x28 images)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1024, 1024, 256],
+                        help="batch per D (one value: all D)")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 256, 1024],
+                        help="conditioner width per D (one value: all D); >= D - 1 for MADE")
+    parser.add_argument("--layers", type=int, default=4, help="blocks per flow")
+    parser.add_argument("--transform", default="affine", choices=("affine", "spline"))
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant (median)")
+    parser.add_argument("--budget", type=float, default=20.0,
+                        help="seconds after which a variant is timed no more (at least once)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    for name in ("batch", "hidden"):
+        values = getattr(args, name)
+        if len(values) == 1:
+            setattr(args, name, values * len(args.dims))
+        elif len(values) != len(args.dims):
+            parser.error(f"--{name} takes one value or one per --dims ({len(args.dims)}), got {len(values)}")
+    if min(args.dims) < 2 or min(args.batch) < 1 or args.layers < 1 or args.repeats < 1 or args.threads < 1 \
+            or not args.budget > 0:
+        parser.error("--dims >= 2, --batch, --layers, --repeats and --threads >= 1, --budget > 0")
+    for dim, hidden in zip(args.dims, args.hidden, strict=True):
+        if hidden < dim - 1:
+            parser.error(f"--hidden {hidden} < D - 1 = {dim - 1}: a MADE needs a unit of every degree 1..D-1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Measure, print the markdown table with the machine it ran on, and return the table."""
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows = []
+    for dim, batch, hidden in zip(args.dims, args.batch, args.hidden, strict=True):
+        rows += measure_dim(dim, batch, hidden, args.layers, args.transform, args.repeats, args.budget, device)
+        print(f"measured D = {dim}", flush=True)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
+    table = markdown_table(rows)
+    print(f"\n{args.layers} blocks of {args.transform} layers, float32, torch {torch.__version__}, "
+          f"{args.threads} thread(s), medians of up to {args.repeats} calls ({args.budget:g} s budget each)\n"
+          f"{where}\n\n{table}", flush=True)
+    return table
