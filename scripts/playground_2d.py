@@ -2,8 +2,7 @@
 
 Options in configs/playground_2d.yaml (density, flow.kind=coupling|maf|iaf, flow.coupling=affine|spline,
 flow.num_layers, ...); the work is flowgen/playground/run.py.  Writes two PNGs to the run directory and
-prints their paths,
-the test NLL and the grid integral of the learned density.
+prints their paths, the test NLL and the grid integral of the learned density.
 """
 
 import hydra

@@ -18,6 +18,7 @@ from flowgen.dequantization import (
     VariationalDequantization,
     level_bounds,
 )
+from flowgen.dequantization.gaussian_noise import log_normal_cdf_difference, noise_log_normalizer
 from flowgen.likelihood import dequantize, log_likelihood_bound, quantize
 from tests.conftest import jacobian_logdets, perturb_parameters
 
@@ -269,3 +270,57 @@ def test_configs_compose_and_instantiate(kind, channels):
     x = images(17, batch=2, channels=channels, height=4, width=4)
     y, log_q = deq(x)
     assert torch.equal(quantize(y, 17), x) and log_q.shape == (2,)
+
+
+# ---- Gaussian noise augmentation (dequantization/gaussian_noise.py, TarFlow) ------------------------
+
+
+def test_log_normal_cdf_difference_is_accurate_in_the_tails():
+    a = torch.tensor([3.0, 0.5, -4.0, 40.0, -38.0, 12.0], dtype=torch.float64)
+    b = torch.tensor([-3.0, 0.2, -5.0, 39.0, -39.0, -12.0], dtype=torch.float64)
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+    direct = torch.log(normal.cdf(a[:3]) - normal.cdf(b[:3]))
+    assert torch.allclose(log_normal_cdf_difference(a, b)[:3], direct, atol=1e-12, rtol=0)
+    # far tails: log(Φ(40) - Φ(39)) ≈ log φ(39)/39 (Mills ratio), where the direct formula gives -inf
+    mills = torch.tensor([-(t**2) / 2 - 0.5 * math.log(2 * math.pi) - math.log(t) for t in (39.0, 38.0)],
+                         dtype=torch.float64)
+    assert torch.allclose(log_normal_cdf_difference(a[3:5], b[3:5]), mills, atol=1e-3, rtol=0)
+    assert log_normal_cdf_difference(a[5:], b[5:]).abs() < 1e-30
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.3])
+def test_noise_bound_is_a_valid_bound_on_a_proper_discrete_model(sigma):
+    """1 pixel, K = 4 levels, p_Y = N(0.1, 0.3²).  The decoder r(x|y) = q(y|x)/m(y) makes P(x) a
+    distribution on the levels; E_q[log p_Y(y) - log_q] - log K is below log P(x) for every x."""
+    K = 4
+    y = torch.linspace(-3.0, 3.0, 200001, dtype=torch.float64)  # holds p_Y and the noise to 1e-9
+    dy = (y[1] - y[0]).item()
+    log_p_y = torch.distributions.Normal(0.1, 0.3).log_prob(y)
+    levels = torch.arange(K, dtype=torch.float64)[:, None]
+    # log q(y|x) for every level x, (K, N), and log m(y) = log Σ_x q(y|x) from its telescoped closed form
+    log_q_yx = math.log(K) + log_normal_cdf_difference((y - levels / K + 0.5) / sigma,
+                                                       (y - (levels + 1) / K + 0.5) / sigma)
+    log_m = math.log(K) + noise_log_normalizer(y[:, None], sigma)
+    assert torch.allclose(torch.logsumexp(log_q_yx, 0), log_m, atol=1e-9, rtol=0)
+    P = (log_p_y.exp() * (log_q_yx - log_m).exp() * dy).sum(1)  # ∫ p_Y(y) r(x|y) dy
+    assert abs(P.sum().item() - 1) < 1e-6
+    # E_{q(y|x)}[log p_Y(y) - log_q] - log K, with log_q = log m(y) - log K as the dequantizer returns it
+    bound = (log_q_yx.exp() * dy * (log_p_y - (log_m - math.log(K)))).sum(1) - math.log(K)
+    assert (bound <= P.log()).all()
+    assert (P.log() - bound < 0.5).all()  # and not vacuous
+    # the naive E_q[log p_Y(y) - log q(y|x)] is no bound of any distribution on the levels
+    naive = (log_q_yx.exp() * dy * (log_p_y - log_q_yx)).sum(1)
+    if sigma > 0.1:
+        assert naive.exp().sum() > 1
+
+
+def test_noise_bound_tends_to_the_uniform_bound_as_sigma_goes_to_zero():
+    x = torch.randint(0, 17, (3, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    uniform_y, uniform_log_q = UniformDequantization(17)(x, torch.Generator().manual_seed(1))
+    y, log_q = UniformDequantization(17, noise_std=0.0)(x, torch.Generator().manual_seed(1))
+    assert torch.equal(y, uniform_y) and torch.equal(log_q, uniform_log_q)
+    y, log_q = UniformDequantization(17, noise_std=1e-4)(x, torch.Generator().manual_seed(1))
+    assert (y - uniform_y).abs().max() < 1e-3 and log_q.abs().max() < 1e-6
+    assert torch.allclose(log_q, noise_log_normalizer(y, 1e-4))
+    y, log_q = UniformDequantization(17, noise_std=0.1)(x, [torch.Generator().manual_seed(i) for i in range(3)])
+    assert y.shape == x.shape and log_q.shape == (3,) and (log_q <= 0).all() and (log_q < -1e-3).any()

@@ -40,6 +40,11 @@ def build_module(cfg: DictConfig, num_levels: int, compile: bool = True) -> Flow
     model = instantiate(cfg.model)
     performance = cfg.get("performance") or {}
     dequantizer = instantiate(cfg.dequantization, num_levels=num_levels)
+    noise_std = float(OmegaConf.select(cfg, "model.noise_std", default=None) or 0.0)
+    if noise_std != dequantizer.noise_std:
+        raise UserError(f"model.noise_std={noise_std:g} but the {cfg.dequantization._target_.rsplit('.', 1)[-1]} "
+                        f"adds noise of std {dequantizer.noise_std:g}: the model's denoising and the training noise "
+                        "must agree; use dequantization=uniform, whose noise_std follows model.noise_std")
     for network in (model, dequantizer):
         set_channels_last(network, performance.get("channels_last", False))
     module = FlowModule(

@@ -44,9 +44,10 @@ from flowgen.config.checks import (
 from flowgen.data.datamodule import DATASETS
 from flowgen.flows.memory import MEMORY_MODES
 from flowgen.models.glow import PERMUTATIONS
+from flowgen.models.tarflow import INVERSE_METHODS, TARFLOW_MEMORY_MODES
 from flowgen.performance import COMPILE_MODES
 from flowgen.training.schedules import SCHEDULES
-from flowgen.transforms import TRANSFORMS
+from flowgen.transforms import AFFINE_SCALES, TRANSFORMS
 
 # Lightning's precision names (what Trainer(precision=...) accepts), without importing its connector
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-true", "16-true", "64-true", "64",
@@ -65,6 +66,9 @@ def choices(name: str, values) -> type[Enum]:
 Coupling = choices("Coupling", TRANSFORMS)
 Permutation = choices("Permutation", PERMUTATIONS)
 MemoryMode = choices("MemoryMode", MEMORY_MODES)
+AffineScale = choices("AffineScale", AFFINE_SCALES)
+InverseMethod = choices("InverseMethod", INVERSE_METHODS)
+TarFlowMemoryMode = choices("TarFlowMemoryMode", TARFLOW_MEMORY_MODES)
 Schedule = choices("Schedule", SCHEDULES)
 CompileMode = choices("CompileMode", COMPILE_MODES)
 LrScalingRule = choices("LrScalingRule", ("none", "linear", "sqrt"))
@@ -113,6 +117,34 @@ class RealNVPConfig:
     memory: MemoryMode = MemoryMode.standard
 
 
+@dataclass
+class TarFlowConfig:
+    _target_: str = "flowgen.models.TarFlow"
+    in_channels: int = checked(MISSING, AT_LEAST_ONE)
+    image_size: int = checked(MISSING, AT_LEAST_ONE)
+    patch_size: int = checked(2, AT_LEAST_ONE)
+    width: int = checked(64, AT_LEAST_ONE)
+    num_blocks: int = checked(4, AT_LEAST_ONE)
+    layers_per_block: int = checked(2, AT_LEAST_ONE)
+    num_heads: int = checked(4, AT_LEAST_ONE)
+    mlp_ratio: int = checked(4, AT_LEAST_ONE)
+    num_classes: int | None = checked(None, at_least(2))
+    transform: Coupling = Coupling.affine
+    affine_scale: AffineScale = AffineScale.exp
+    spline_bins: int = checked(8, at_least(2))
+    spline_bound: float = checked(3.0, *POSITIVE_FINITE)
+    noise_std: float = checked(0.0, NON_NEGATIVE, FINITE)
+    label_drop: float = checked(0.0, half_open_interval(0, 1))
+    guidance: float = checked(0.0, FINITE)
+    guidance_annealed: bool = False
+    inverse_method: InverseMethod = InverseMethod.sequential
+    jacobi_segments: int = checked(1, AT_LEAST_ONE)
+    jacobi_max_iterations: int | None = checked(None, AT_LEAST_ONE)
+    jacobi_tolerance: float = checked(1e-5, NON_NEGATIVE, FINITE)
+    denoise: bool | None = None
+    memory: TarFlowMemoryMode = TarFlowMemoryMode.standard
+
+
 # ---------------------------------------------------------------- data, dequantization, optimizer
 
 
@@ -141,6 +173,7 @@ class DataConfig:
 @dataclass
 class UniformDequantizationConfig:
     _target_: str = "flowgen.dequantization.UniformDequantization"
+    noise_std: float = checked(0.0, NON_NEGATIVE, FINITE)
 
 
 @dataclass
@@ -395,6 +428,7 @@ class TrainConfig:
 GROUP_SCHEMAS = [
     ("model", "glow_schema", GlowConfig),
     ("model", "realnvp_schema", RealNVPConfig),
+    ("model", "tarflow_schema", TarFlowConfig),
     ("data", "data_schema", DataConfig),
     ("dequantization", "uniform_schema", UniformDequantizationConfig),
     ("dequantization", "variational_schema", VariationalDequantizationConfig),

@@ -69,6 +69,8 @@ def level_bounds(num_levels: int) -> tuple[torch.Tensor, torch.Tensor]:
 class Dequantization(nn.Module):
     """Base class: stores K, checks the pixels, rescales u into y and draws S samples."""
 
+    noise_std = 0.0  # σ of the Gaussian noise added after the dequantization noise (TarFlow; uniform only)
+
     def __init__(self, num_levels: int):
         super().__init__()
         if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:

@@ -9,7 +9,7 @@ unconstrained numbers h_i; the transform maps x_i with them:
     affine, exp (MAF, TarFlow)
                            z = (x + t) · exp(h_s)             log z'(x) = h_s               (unbounded;
                                                               TarFlow's (x - μ)·exp(-a) with μ = -t, a = -h_s)
-    spline (NSF)           z = RQS_h(x)                       log z'(x) = log RQS_h'(x)     (``flows.splines``)
+    spline (NSF)           z = RQS_h(x)                       log z'(x) = log RQS_h'(x)     (``transforms.splines``)
 
 Every transform is the identity at h = 0 except Glow's sigmoid scale, which starts at
 σ(2) ≈ 0.88, as in openai/glow: a zero-initialised conditioner starts every layer at (or near)
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowgen.flows.splines import num_spline_params, rational_quadratic_spline
+from flowgen.transforms.splines import num_spline_params, rational_quadratic_spline
 
 AFFINE_SCALES = ("sigmoid", "tanh", "exp")
 
