@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from torchvision.utils import make_grid
@@ -12,29 +14,48 @@ from flowgen.likelihood import to_unit_interval
 SAMPLE_MODES = ("sample", "interpolate", "reconstruct")
 
 
+def sampling_options(model: nn.Module) -> list[str]:
+    """The keyword-only options of the model's ``sample`` beyond the contract's (TarFlow: guidance,
+    inverse_method, denoise, ...); [] for a family that has none (Glow, RealNVP)."""
+    parameters = inspect.signature(model.sample).parameters.values()
+    return [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def check_sampling_options(model: nn.Module, options: dict) -> None:
+    """A ValueError in one line for an option the model's ``sample`` does not take."""
+    known = sampling_options(model)
+    unknown = [key for key in options if key not in known]
+    if unknown:
+        offer = f"its options are {', '.join(known)}" if known else "it takes none"
+        raise ValueError(f"sampling.{unknown[0]}: {type(model).__name__}.sample has no option {unknown[0]!r}; {offer}")
+
+
 @torch.no_grad()
 def sample_pixels(model: nn.Module, num_levels: int, n: int, temperature: float, labels=None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, options: dict | None = None) -> torch.Tensor:
     """n images at ``temperature`` as intensities in [0, 1] (the centre of each pixel's level), shape (n, C, H, W).
 
-    The model is put in eval mode for the draw and restored afterwards.
+    ``options``: keyword options of the model's ``sample`` (``sampling_options``).  The model is put in
+    eval mode for the draw and restored afterwards.
     """
+    options = dict(options or {})
+    check_sampling_options(model, options)
     was_training = model.training
     model.eval()
     try:
-        y = model.sample(n, temperature=temperature, y=labels, generator=generator)
+        y = model.sample(n, temperature=temperature, y=labels, generator=generator, **options)
     finally:
         model.train(was_training)
     return to_unit_interval(y, num_levels)
 
 
 def temperature_rows(model: nn.Module, num_levels: int, n: int, temperatures, labels=None, seed: int = 0,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+                     device: torch.device | str = "cpu", options: dict | None = None) -> torch.Tensor:
     """len(temperatures) * n images, row r at temperatures[r], every row from the SAME noise ε (seeded)."""
     rows = []
     for temperature in temperatures:
         generator = torch.Generator(device=device).manual_seed(seed)
-        rows.append(sample_pixels(model, num_levels, n, float(temperature), labels, generator))
+        rows.append(sample_pixels(model, num_levels, n, float(temperature), labels, generator, options))
     return torch.cat(rows)
 
 

@@ -98,6 +98,21 @@ def test_a_contract_only_model_goes_through_every_tool(tmp_path, capsys):
     assert Path(strip).is_file()
 
 
+def test_sampling_options_are_checked_against_the_model():
+    """sample.py's sampling.* options reach a model's own sampler; a model without one says so in one line."""
+    from flowgen.models import TarFlow
+    from flowgen.sampling import check_sampling_options, sample_pixels, sampling_options
+
+    glow, tarflow = FAMILIES["glow"](), TarFlow(1, 4, 2, 8, 1, 1, 2)
+    assert sampling_options(glow) == [] and "inverse_method" in sampling_options(tarflow)
+    with pytest.raises(ValueError, match="sampling.guidance: Glow.sample has no option 'guidance'; it takes none"):
+        check_sampling_options(glow, {"guidance": 2.0})
+    with pytest.raises(ValueError, match="sampling.guidnce: TarFlow.sample has no option 'guidnce'; its options"):
+        check_sampling_options(tarflow, {"guidnce": 2.0})
+    pixels = sample_pixels(tarflow, 17, 2, 1.0, options={"inverse_method": "jacobi", "jacobi_segments": 2})
+    assert pixels.shape == (2, 1, 4, 4)
+
+
 # attributes only a multi-scale flow has: nothing outside flowgen/models/ may read them from a model
 MULTISCALE_ATTRIBUTES = {"levels", "splits", "top_prior", "level_terms"}
 

@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
 from flowgen.cli.errors import UserError
@@ -70,7 +70,8 @@ def _sample_grids(cfg: DictConfig, run: RestoredRun, out_dir: Path, device) -> l
     tag_t = "-".join(f"{t:g}" for t in temperatures)
     paths = []
     for tag, labels in _labels(cfg, run, device)[0]:
-        images = temperature_rows(run.model, run.module.num_levels, cfg.n, temperatures, labels, cfg.seed, device)
+        images = temperature_rows(run.model, run.module.num_levels, cfg.n, temperatures, labels, cfg.seed, device,
+                                  _sampling_options(cfg))
         path = out_dir / f"samples_seed{cfg.seed}_T{tag_t}{tag}.png"
         save_image(image_grid(images, cfg.n, cfg.upscale), path)
         paths.append(path)
@@ -81,6 +82,12 @@ def _sample_grids(cfg: DictConfig, run: RestoredRun, out_dir: Path, device) -> l
                 save_image(image, folder / f"T{temperatures[i // cfg.n]:g}_{i % cfg.n:03d}.png")
             paths.append(folder)
     return paths
+
+
+def _sampling_options(cfg: DictConfig) -> dict:
+    """The ``sampling.*`` options that were given (null ones keep the model's own settings)."""
+    options = OmegaConf.to_container(cfg.sampling, enum_to_str=True)
+    return {key: value for key, value in options.items() if value is not None}
 
 
 def _images(cfg: DictConfig, run: RestoredRun, device, indices) -> torch.Tensor:

@@ -46,7 +46,7 @@ from flowgen.config.checks import (
     each,
     one_of,
 )
-from flowgen.config.schema import PRECISIONS, TrainConfig, choices
+from flowgen.config.schema import PRECISIONS, InverseMethod, TrainConfig, choices
 from flowgen.data.splits import SPLITS
 from flowgen.latents import METHODS
 from flowgen.playground.densities import DENSITIES
@@ -109,6 +109,20 @@ class RestoredRunToolConfig:
 
 
 @dataclass
+class SamplingOptions:
+    """Keyword options of a model's own sampler (TarFlow's); null = as the model was configured.  A family
+    without the option (Glow, RealNVP) refuses a value other than null in one line."""
+
+    guidance: float | None = checked(None, FINITE)
+    guidance_annealed: bool | None = None
+    inverse_method: InverseMethod | None = None
+    jacobi_segments: int | None = checked(None, AT_LEAST_ONE)
+    jacobi_max_iterations: int | None = checked(None, AT_LEAST_ONE)
+    jacobi_tolerance: float | None = checked(None, FINITE, NON_NEGATIVE)
+    denoise: bool | None = None
+
+
+@dataclass
 class SampleConfig(RestoredRunToolConfig):
     task_name: str = "sample"
     mode: SampleMode = SampleMode.sample
@@ -119,6 +133,7 @@ class SampleConfig(RestoredRunToolConfig):
     temperatures: list[float] = checked(None, *TEMPERATURES, factory=lambda: [0.5, 0.7, 0.8, 0.9, 1.0])
     label: Any = checked(None, CLASS_OR_ALL)
     save_individual: bool = False
+    sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions())
     split: Split = Split.val
     indices: list[int] = checked(None, each(NON_NEGATIVE), factory=lambda: [0, 1])
     steps: int = checked(8, at_least(2))  # interpolate: the two end points and the images between
