@@ -2,6 +2,8 @@
 
     python scripts/benchmark.py model=glow data=cifar10 model.steps=8 benchmark.compare=[normflows]
     python scripts/benchmark.py model=glow data=cifar10 'benchmark.compare=["trainer.precision=bf16-mixed"]'
+    python scripts/benchmark.py model=tarflow data=digits \
+        'benchmark.compare=["model.inverse_method=sequential_uncached","model.inverse_method=jacobi"]'
 
 Any train.py override applies (trainer.precision, performance.channels_last, performance.compile,
 model.memory, data.batch_size, ...); see configs/benchmark.yaml and flowgen/benchmark/run.py for

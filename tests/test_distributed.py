@@ -7,6 +7,7 @@ spawned processes; whole training runs go through ``train.py trainer=ddp_cpu``.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -106,3 +107,22 @@ def test_two_process_ddp_run_keeps_ranks_identical_and_scores_like_one_process(t
     result = json.loads((tmp_path / "score.json").read_text())
     assert result["num_images"] == 297  # digits test split, every image once
     assert result["bpd"] == pytest.approx(test_bpd, abs=1e-5)
+
+
+def test_two_process_ddp_tarflow_with_label_dropout_keeps_ranks_identical(tmp_path):
+    """trainer=ddp_cpu with a class-conditional TarFlow (label dropout, EMA of decay 0.999, diagnostics and the
+    invertibility monitor every 2 steps): the ranks hold identical weights after the first step and at the end,
+    and the diagnostics name the blocks."""
+    tiny = ["model=tarflow", "model.width=16", "model.num_blocks=2", "model.layers_per_block=1", "model.num_heads=2",
+            "model.num_classes=10", "model.label_drop=0.1", "ema_decay=0.999"]
+    run = run_entry("train.py", ["logger=csv", *FAST, "trainer=ddp_cpu", *tiny, "run_name=ddp", "test=false",
+                                 "callbacks.diagnostics.every_n_steps=2",
+                                 "callbacks.invertibility_monitor.every_n_steps=2"], tmp_path, timeout=600)
+    assert run.returncode == 0, run.output[-3000:]
+    assert "ranks in sync after the first step" in run.stdout and "ranks in sync at the end of training" in run.stdout
+    path = run_dir(tmp_path, "ddp")
+    metrics = _metrics(path)
+    assert metrics["train/skipped_steps"] == 0 and math.isfinite(metrics["val/bpd"])
+    assert math.isfinite(metrics["diagnostics/block1/logdet_bpd"]) and metrics["train/recon_error"] < 1e-4
+    state = torch.load(path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert int(state["ema.num_updates"]) == 6

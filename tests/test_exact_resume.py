@@ -74,3 +74,44 @@ def test_two_cpu_processes_train_and_score_every_val_image_once(tmp_path):
     assert run.returncode == 0, run.output[-3000:]
     assert "64 per device x 2 devices" in run.stdout
     assert last_checkpoint(tmp_path, "ddp")["global_step"] == 3
+
+
+# TarFlow, in process (runs of about two seconds): class-conditional with label dropout, whose draws inside
+# log_prob come from the global generator that the checkpoint's RNG states restore, next to the dequantization
+# noise; EMA of decay 0.999; diagnostics and the invertibility monitor on; epochs of 3 steps, so step 4 stops
+# inside the second epoch
+TARFLOW_ARGS = ["model=tarflow", "model.width=16", "model.num_blocks=2", "model.layers_per_block=1",
+                "model.num_heads=2", "model.num_classes=${data.num_classes}", "model.label_drop=0.5",
+                "ema_decay=0.999", "logger=csv", *FAST, "data.batch_size=16", "test=false",
+                "callbacks.samples.every_n_steps=100", "callbacks.diagnostics.every_n_steps=2",
+                "callbacks.invertibility_monitor.every_n_steps=2"]
+
+
+def _train_in_process(tmp_path, name: str, *overrides: str):
+    from flowgen.cli.train import train
+    from tests.test_configs import compose_train
+
+    train(compose_train(tmp_path / name, [*TARFLOW_ARGS, f"run_name={name}", *overrides]))
+    return torch.load(tmp_path / name / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def _same_states(a: dict, b: dict) -> bool:
+    return a["state_dict"].keys() == b["state_dict"].keys() and all(
+        torch.equal(t, b["state_dict"][name]) for name, t in a["state_dict"].items())
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_tarflow_with_label_dropout_resumes_bit_for_bit(tmp_path, monkeypatch):
+    straight = _train_in_process(tmp_path, "straight", "trainer.max_steps=8")
+    _train_in_process(tmp_path, "resumed", "trainer.max_steps=4")
+    resumed = _train_in_process(tmp_path, "resumed", "trainer.max_steps=8", "ckpt_path=last")
+    assert straight["global_step"] == resumed["global_step"] == 8
+    assert _same_states(straight, resumed)  # model, EMA (and its update count)
+    for s1, s2 in zip(straight["optimizer_states"][0]["state"].values(),
+                      resumed["optimizer_states"][0]["state"].values(), strict=True):
+        assert all(torch.equal(torch.as_tensor(s1[k]), torch.as_tensor(s2[k])) for k in s1)
+
+    # the check has teeth: without the RNG states, the resumed steps draw other noise and other dropped labels
+    monkeypatch.setattr("flowgen.training.module.set_rng_states", lambda states: None)
+    _train_in_process(tmp_path, "no_rng", "trainer.max_steps=4")
+    assert not _same_states(straight, _train_in_process(tmp_path, "no_rng", "trainer.max_steps=8", "ckpt_path=last"))

@@ -7,12 +7,15 @@ import json
 import math
 import subprocess
 import sys
+from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import perturb_parameters
 from test_bad_inputs import run_train
 from test_configs import compose_train
+from train_runner import FAST
 
 from flowgen.benchmark.measure import (
     PeakMemory,
@@ -27,7 +30,7 @@ from flowgen.benchmark.workloads import flowgen_workload, normflows_workload, va
 from flowgen.cli import train as train_cli
 from flowgen.errors import UserError
 from flowgen.flows.nets import ActNormConv2d, GlowConditioner, ResNetConditioner, ZeroConv2d
-from flowgen.models import Glow, RealNVP
+from flowgen.models import Glow, RealNVP, TarFlow
 from flowgen.performance import apply_performance, compile_model, glibc, set_channels_last
 
 
@@ -123,6 +126,26 @@ def test_compiled_model_gives_the_eager_log_prob(mode):
     assert_grads_close(grads_b, grads_a, rel=1e-5)
 
 
+@pytest.mark.parametrize("mode", [pytest.param("step", marks=pytest.mark.slow), "model"])
+def test_compiled_tarflow_gives_the_eager_log_prob_and_samples(mode):
+    """compile=step compiles each flow block's forward, compile=model the log_prob pass (class-conditional,
+    attention included); sampling runs the eager inverse of the same weights."""
+    torch._dynamo.reset()
+    x, labels = torch.rand(2, 1, 4, 4) - 0.5, torch.tensor([0, 2])
+    eager, compiled = twin(lambda: TarFlow(1, 4, 2, width=8, num_blocks=2, layers_per_block=1, num_heads=2,
+                                           num_classes=3), x)
+    compile_model(compiled, mode)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    for model in (eager, compiled):
+        model.zero_grad()
+        (-model.log_prob(x, labels).mean()).backward()
+    torch.testing.assert_close(compiled.log_prob(x, labels), eager.log_prob(x, labels), rtol=1e-5, atol=1e-5)
+    assert_grads_close({n: p.grad for n, p in compiled.named_parameters()},
+                       {n: p.grad for n, p in eager.named_parameters()}, rel=1e-5)
+    samples = [m.eval().sample(2, y=1, generator=torch.Generator().manual_seed(0)) for m in (eager, compiled)]
+    torch.testing.assert_close(samples[1], samples[0], rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_compile_mode_is_one_clear_error():
     with pytest.raises(UserError, match="performance.compile=fast is not one of none, step, model"):
         apply_performance(Glow(1, 4, levels=1, steps=1, hidden_channels=4), compile="fast")
@@ -135,6 +158,32 @@ def test_flop_count_of_a_matmul_and_a_convolution():
     conv = torch.nn.Conv2d(4, 6, 3, padding=1, bias=False)
     x = torch.randn(2, 4, 5, 5)
     assert count_flops(lambda: conv(x)) == 2 * 2 * 5 * 5 * 6 * 4 * 9
+
+
+def test_flop_count_of_attention_forward_and_backward():
+    """scaled_dot_product_attention on the CPU runs kernels torch's registry has no formula for: counted as
+    its CUDA kernels are, q kᵀ and softmax(·) v (4·B·H·S_q·S_k·d), the backward 2.5 times that, in bf16 too."""
+    b, h, s, d = 2, 3, 16, 8
+    q = torch.randn(b, h, s, d, requires_grad=True)
+    attention = partial(torch.nn.functional.scaled_dot_product_attention, is_causal=True)
+    assert count_flops(lambda: attention(q, q, q)) == 4 * b * h * s * s * d
+    assert count_flops(lambda: attention(q, q, q).sum().backward()) == (4 + 10) * b * h * s * s * d
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert count_flops(lambda: attention(q, q, q)) == 4 * b * h * s * s * d
+    one_query = torch.randn(b, h, 1, d)  # a KV-cached step: one new token against s cached ones
+    assert count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(one_query, q, q)) == 4 * b * h * s * d
+
+
+def test_flop_count_of_a_tarflow_forward_is_its_linear_layers_and_attention():
+    """Per block the transformer runs on the T-1 tokens h_0..h_{T-2}: the input and output projections, per layer
+    qkv, attention, its projection and the MLP (ratio r), 2 FLOPs a multiply-add."""
+    t, dim, width, layers, ratio, blocks, batch = 16, 4, 16, 2, 4, 3, 5
+    model = TarFlow(1, 8, 2, width=width, num_blocks=blocks, layers_per_block=layers, num_heads=2, mlp_ratio=ratio)
+    n = t - 1
+    per_layer = 2 * n * (3 * width * width + width * width + 2 * ratio * width * width) + 4 * n * n * width
+    per_block = 2 * n * dim * width + layers * per_layer + 2 * n * width * 2 * dim  # affine: 2 numbers an element
+    with torch.no_grad():
+        assert count_flops(lambda: model(torch.rand(batch, 1, 8, 8))) == batch * blocks * per_block
 
 
 def test_recorded_convolutions_replay_the_kernels_of_a_step():
@@ -234,6 +283,56 @@ def test_benchmark_writes_a_record_per_workload(tmp_path, capsys):
     # the invertible variant keeps far fewer activations for backward
     assert records[2]["saved_activation_bytes"] < records[0]["saved_activation_bytes"]
     assert "| flowgen | 32-true | 4 |" in capsys.readouterr().out
+
+
+def test_benchmark_compares_tarflow_sampling_with_and_without_the_kv_cache_and_jacobi(tmp_path, capsys):
+    """model=tarflow with benchmark.compare over the inverse methods: one record each, the same training step
+    (same FLOPs per image), and sampling FLOPs that tell the methods apart: the uncached inverse reruns the
+    transformer on the whole prefix at every token."""
+    methods = ["sequential_uncached", "jacobi", "jacobi model.jacobi_segments=4 model.jacobi_tolerance=1e-4"]
+    compare = ", ".join(f"'model.inverse_method={m}'" for m in methods)
+    cfg = compose_train(tmp_path, [
+        "model=tarflow", "data=digits", "model.width=16", "model.num_blocks=2", "model.layers_per_block=1",
+        "model.num_heads=2", "data.batch_size=8", "benchmark.warmup_steps=1", "benchmark.timed_steps=2",
+        "benchmark.sample_repeats=1", f"benchmark.compare=[{compare}]", f"benchmark.output={tmp_path}/bench.json"],
+        config_name="benchmark")
+    records = run_benchmark(cfg)
+    assert [r["name"] for r in records] == ["flowgen", *(f"flowgen model.inverse_method={m}" for m in methods)]
+    assert [r["settings"]["model"]["inverse_method"] for r in records] == ["sequential", *(m.split()[0]
+                                                                                         for m in methods)]
+    for r in records:
+        assert r["train_images_per_s"] > 0 and r["sample_images_per_s"] > 0
+        assert r["flops_per_image"] == records[0]["flops_per_image"] > 0 and r["sample_flops_per_image"] > 0
+        assert r["convolution_ceiling_flops_per_s"] is None  # a transformer: no convolution to replay
+    cached, uncached = records[0]["sample_flops_per_image"], records[1]["sample_flops_per_image"]
+    assert uncached > 4 * cached  # T = 16 tokens: O(T²) token passes against O(T)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["device"].startswith(("cuda", "NVIDIA")) or "flags:" in saved["device"]
+    assert "| sample FLOP/img |" in capsys.readouterr().out
+
+
+def test_benchmark_starts_from_the_weights_of_a_checkpoint(tmp_path):
+    """benchmark.weights: every flowgen workload starts from a run's weights (its EMA, which sample.py uses);
+    another architecture or a missing path is one clear error."""
+    tiny = ["model=tarflow", "data=digits", "model.width=16", "model.num_blocks=2", "model.layers_per_block=1",
+            "model.num_heads=2"]
+    run_cfg = compose_train(tmp_path / "train", [*tiny, "ema_decay=0.9", "logger=csv", *FAST, "run_name=weights",
+                                                 "trainer.max_steps=3", "test=false"])
+    train_cli.train(run_cfg)
+    run = Path(run_cfg.paths.output_dir)
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    cpu = torch.device("cpu")
+    workload = flowgen_workload(compose_train(tmp_path, [*tiny, "data.batch_size=4", f"benchmark.weights={run}"],
+                                              config_name="benchmark"), cpu)
+    assert workload.settings["weights"] == f"{run / 'checkpoints' / 'last.ckpt'} (ema weights)"
+    for name, tensor in workload.model.state_dict().items():
+        assert torch.equal(tensor, state[f"ema.module.{name}"]), name
+    with pytest.raises(UserError, match="another architecture"):
+        flowgen_workload(compose_train(tmp_path, [*tiny, "model.width=32", f"benchmark.weights={run}"],
+                                       config_name="benchmark"), cpu)
+    with pytest.raises(UserError, match="benchmark.weights=.*no such checkpoint file or run directory"):
+        flowgen_workload(compose_train(tmp_path, [*tiny, f"benchmark.weights={tmp_path / 'nowhere'}"],
+                                       config_name="benchmark"), cpu)
 
 
 @pytest.mark.parametrize("implementation", ["flowgen", "normflows"])

@@ -24,37 +24,16 @@ f^{-1}(z) with ``invert`` (no log-determinant).  The CPU's name and its vector-e
 from __future__ import annotations
 
 import argparse
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from flowgen.benchmark.measure import median, timed
+from flowgen.benchmark.measure import cpu_description, median, timed
 from flowgen.flows.autoregressive import MaskedAutoregressive, MaskedLinear
 from flowgen.flows.base import FlowSequence
 from flowgen.playground.flows2d import FLOW_KINDS, build_flow
 from flowgen.playground.model import standard_normal_log_prob
-
-# the flags that decide a CPU's float32 / bf16 matrix-product speed, in the order printed
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
-
-
-def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """'<model name>; flags: avx2 fma ...' from /proc/cpuinfo (those of ``CPU_FLAGS`` it has)."""
-    if not cpuinfo.is_file():
-        return platform.processor() or platform.machine()
-    name, flags = platform.machine(), set()
-    for line in cpuinfo.read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and name == platform.machine():
-            name = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = set(value.split())
-    present = [flag for flag in CPU_FLAGS if flag in flags]
-    missing = [flag for flag in CPU_FLAGS if flag not in flags]
-    return f"{name}; flags: {' '.join(present) or 'none'} (no {' '.join(missing) or '-'})"
 
 
 @dataclass

@@ -7,6 +7,7 @@ between variants timed side by side are meaningful on a noisy machine.
 from __future__ import annotations
 
 import os
+import platform
 import resource
 import statistics
 import threading
@@ -14,12 +15,32 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from flowgen.performance import M_MMAP_MAX, M_MMAP_THRESHOLD, glibc
+
+# the flags that decide a CPU's float32 / bf16 matrix-product speed, in the order printed
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """'<model name>; flags: avx2 fma ...' from /proc/cpuinfo (those of ``CPU_FLAGS`` it has)."""
+    if not cpuinfo.is_file():
+        return platform.processor() or platform.machine()
+    name, flags = platform.machine(), set()
+    for line in cpuinfo.read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and name == platform.machine():
+            name = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    present = [flag for flag in CPU_FLAGS if flag in flags]
+    missing = [flag for flag in CPU_FLAGS if flag not in flags]
+    return f"{name}; flags: {' '.join(present) or 'none'} (no {' '.join(missing) or '-'})"
 
 
 def synchronize(device: torch.device) -> None:
@@ -62,8 +83,35 @@ def gemm_call(device: torch.device, dtype: torch.dtype, size: int | None = None)
     return (lambda: a @ b), 2 * n**3
 
 
+def _cpu_attention_flops(query, key, value, *args, **kwargs) -> int:
+    return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+# Kernels torch.utils.flop_counter has no formula for: ``scaled_dot_product_attention`` on the CPU
+# dispatches to its own flash-attention kernels (TarFlow's attention), which the registry misses
+# (torch 2.14 has only the CUDA ones).  Counted as the registry counts the CUDA kernels: the two
+# products q kᵀ and softmax(·) v (4·B·H·S_q·S_k·d), backward 2.5 times that; a causal mask is not
+# discounted.  The registry's own formula wins if a later torch has one.
+_EXTRA_FORMULAS = {
+    getattr(torch.ops.aten, name): formula
+    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", _cpu_attention_flops),
+                          ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_attention_backward_flops))
+    if hasattr(torch.ops.aten, name)
+}
+
+
+def flop_formula(func) -> Callable[..., int] | None:
+    """The FLOP formula of an aten operator (its overload packet's), or None for work that is not counted."""
+    packet = func._overloadpacket
+    return flop_registry.get(packet) or _EXTRA_FORMULAS.get(packet)
+
+
 class _FlopCounter(TorchDispatchMode):
-    """Adds up the FLOPs of every operator ``torch.utils.flop_counter`` has a formula for.
+    """Adds up the FLOPs of every operator that ``flop_formula`` has a formula for.
 
     (``FlopCounterMode`` itself also tracks modules with autograd hooks, which breaks on work done
     inside a backward pass, such as the input reconstruction of ``model.memory=invertible``.)
@@ -76,15 +124,16 @@ class _FlopCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
+        formula = flop_formula(func)
         if formula is not None:
             self.total += int(formula(*args, **kwargs, out_val=out))
         return out
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call of ``fn`` (matrix multiplies and convolutions, forward and backward,
-    recomputations included), by ``torch.utils.flop_counter``'s formulas; elementwise work is not counted."""
+    """FLOPs of one call of ``fn`` (matrix multiplies, convolutions and attention, forward and backward,
+    recomputations included), by ``torch.utils.flop_counter``'s formulas (``flop_formula``); elementwise
+    work (normalisations, activations, the flows' elementwise maps) is not counted."""
     with _FlopCounter() as counter:
         fn()
     return counter.total

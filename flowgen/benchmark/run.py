@@ -4,7 +4,12 @@ Per workload (the configured flowgen model first, then each ``benchmark.compare`
 
     train images/s      batch / median step time; the steps of all workloads alternate
     sample images/s     images / median time of ``sample`` (no autograd, no log-det work)
-    FLOPs / image       matmul + convolution FLOPs of one training step (forward + backward)
+    FLOPs / image       matmul + convolution + attention FLOPs of one training step (forward + backward)
+    sample FLOPs / image  the same count for one ``sample`` call, per image: what an inverse costs
+                        (TarFlow: T one-token passes with the KV cache, O(T²) token passes without it,
+                        one full pass per Jacobi iteration, so fewer where the iteration stops early:
+                        on the near-identity blocks of fresh weights it stops after a few passes; give
+                        a trained run's ``benchmark.weights`` for what sampling from it costs)
     achieved FLOP/s     FLOPs / image x train images/s, also as a fraction of the device's
                         dense GEMM rate in the same precision, timed in the same rounds as the steps
     conv. ceiling       the FLOP/s of the step's own convolution kernels, each replayed alone
@@ -20,7 +25,7 @@ Per workload (the configured flowgen model first, then each ``benchmark.compare`
 from __future__ import annotations
 
 import json
-import platform
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,6 +35,7 @@ from flowgen.benchmark.measure import (
     PeakMemory,
     convolution_ceiling,
     count_flops,
+    cpu_description,
     gemm_call,
     interleaved_times,
     median,
@@ -46,8 +52,8 @@ from flowgen.performance import keep_freed_cpu_memory
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, " \
-           f"capability {torch.backends.cpu.get_cpu_capability()}"
+    return (f"{cpu_description()}, {torch.get_num_threads()} threads, "
+            f"capability {torch.backends.cpu.get_cpu_capability()}")
 
 
 def _gemm_dtype(precision: str) -> torch.dtype:
@@ -89,6 +95,7 @@ def measure_workloads(workloads: list[Workload], device: torch.device, cfg: Dict
     for w in workloads:
         dtype = _gemm_dtype(w.precision)
         flops_per_image = count_flops(w.train_step) / w.batch_size
+        sample_flops_per_image = count_flops(partial(w.sample, n)) / n
         ceiling, ceiling_gemm = (convolution_ceiling(w.train_step, device, gemms.get(dtype))
                                  if bench.convolution_ceiling else (None, None))
         saved = saved_activation_bytes(w.forward_loss, w.parameters)
@@ -103,6 +110,7 @@ def measure_workloads(workloads: list[Workload], device: torch.device, cfg: Dict
             "sample_images_per_s": n / median(samples[w.name]),
             "sample_seconds": samples[w.name],
             "flops_per_image": flops_per_image,
+            "sample_flops_per_image": sample_flops_per_image,
             "achieved_flops_per_s": achieved,
             "gemm_flops_per_s": gemm.get(dtype),
             "gemm_dtype": str(dtype).replace("torch.", ""),
@@ -127,17 +135,27 @@ def _percent(fraction: float | None) -> str:
     return "n/a" if fraction is None else f"{100 * fraction:.0f}%"
 
 
+def _flops(value: float) -> str:
+    """A FLOP count to 3 significant digits with an SI prefix: a CIFAR Glow step is GFLOPs an image,
+    an 8x8 digits TarFlow tens of MFLOPs."""
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g} {prefix}"
+    return f"{value:.3g}"
+
+
 def markdown_table(records: list[dict]) -> str:
-    head = ("| workload | precision | batch | train img/s | vs first | sample img/s | GFLOP/img | achieved GFLOP/s "
-            "| of GEMM | conv. ceiling | peak step MiB | saved act. MiB |")
-    rows = [head, "|" + "---|" * 12]
+    head = ("| workload | precision | batch | train img/s | vs first | sample img/s | FLOP/img | sample FLOP/img "
+            "| achieved GFLOP/s | of GEMM | conv. ceiling | peak step MiB | saved act. MiB |")
+    rows = [head, "|" + "---|" * 13]
     for r in records:
         fraction = _percent(r["fraction_of_gemm"])
         ceiling = _percent(r["convolution_ceiling_of_gemm"])
         rows.append(
             f"| {r['name']} | {r['settings']['precision']} | {r['settings']['batch_size']} "
             f"| {r['train_images_per_s']:.1f} | {r['train_speed_vs_first']:.2f}x | {r['sample_images_per_s']:.1f} "
-            f"| {r['flops_per_image'] / 1e9:.2f} | {r['achieved_flops_per_s'] / 1e9:.1f} | {fraction} | {ceiling} "
+            f"| {_flops(r['flops_per_image'])} | {_flops(r['sample_flops_per_image'])} "
+            f"| {r['achieved_flops_per_s'] / 1e9:.1f} | {fraction} | {ceiling} "
             f"| {r['peak_step_memory_bytes'] / 2**20:.0f} | {r['saved_activation_bytes'] / 2**20:.0f} |")
     return "\n".join(rows)
 

@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
@@ -103,13 +104,36 @@ def _grad_scaler(precision: str, device: torch.device):
     return torch.amp.GradScaler(device.type) if PRECISIONS[precision] is torch.float16 else None
 
 
+def load_weights(module, path: str) -> str:
+    """Copy a checkpoint's model weights (a .ckpt, or a run directory's last.ckpt) into the module's model and
+    its EMA copy: the checkpoint's EMA weights when it kept them (those sample.py uses), else its trained ones.
+    Returns what was loaded, for the record."""
+    from flowgen.cli.checkpoints import check_state_matches, load_checkpoint
+    from flowgen.cli.run_files import find_checkpoint
+
+    if not Path(path).expanduser().exists():
+        raise UserError(f"benchmark.weights={path}: no such checkpoint file or run directory")
+    ckpt, _ = find_checkpoint(path, "last")
+    state = load_checkpoint(ckpt)["state_dict"]
+    prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "model."
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    check_state_matches(weights, module.model, ckpt)
+    for model in (module.model, *([module.ema.module] if module.ema is not None else [])):
+        model.load_state_dict(weights)
+    return f"{ckpt} ({'ema' if prefix == 'ema.module.' else 'raw'} weights)"
+
+
 def flowgen_workload(cfg: DictConfig, device: torch.device, name: str = "flowgen") -> Workload:
-    """The module ``train.py`` builds for ``cfg`` (model, dequantizer, optimizer, performance settings)."""
+    """The module ``train.py`` builds for ``cfg`` (model, dequantizer, optimizer, performance settings), with
+    the weights of ``benchmark.weights`` when given."""
     from flowgen.cli.train import build_module  # the same construction as training
 
     torch.manual_seed(cfg.seed)
     num_levels = num_levels_of(cfg)
-    module = build_module(cfg, num_levels).to(device)
+    module = build_module(cfg, num_levels)
+    weights = OmegaConf.select(cfg, "benchmark.weights")
+    loaded = load_weights(module, str(weights)) if weights else None
+    module = module.to(device)
     module.train()
     batch_size = int(cfg.data.batch_size)
     pixels = random_pixels(cfg, batch_size, device, cfg.seed)
@@ -143,6 +167,7 @@ def flowgen_workload(cfg: DictConfig, device: torch.device, name: str = "flowgen
         "optimizer": str(cfg.optimizer._target_),
         "gradient_clip_val": clip,
         "nan_guard": guard,
+        "weights": loaded or "initialisation",
     }
     return Workload(name=name, settings=settings, model=module.model, parameters=parameters, optimizer=optimizer,
                     batch_size=batch_size, num_dims=module.num_dims, precision=precision, train_step=train_step,

@@ -253,6 +253,7 @@ class BenchmarkSettings:
     gemm: bool = True
     convolution_ceiling: bool = True
     compare: list[str] = field(default_factory=list)  # `normflows`, or a string of key=value overrides
+    weights: str | None = None  # a checkpoint (.ckpt or run directory) whose model weights the workloads start from
     output: str = MISSING
 
 
