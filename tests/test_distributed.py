@@ -109,6 +109,7 @@ def test_two_process_ddp_run_keeps_ranks_identical_and_scores_like_one_process(t
     assert result["bpd"] == pytest.approx(test_bpd, abs=1e-5)
 
 
+@pytest.mark.slow  # two processes (~20 s on 2 busy cores): `make test-full`; the Glow DDP tests stay in the fast suite
 def test_two_process_ddp_tarflow_with_label_dropout_keeps_ranks_identical(tmp_path):
     """trainer=ddp_cpu with a class-conditional TarFlow (label dropout, EMA of decay 0.999, diagnostics and the
     invertibility monitor every 2 steps): the ranks hold identical weights after the first step and at the end,

@@ -87,11 +87,11 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     assert (tmp_path / "good.ckpt").read_bytes() == good
 
 
-def test_invertibility_monitor_logs_and_names_the_level(tmp_path):
+def test_invertibility_monitor_logs_and_names_the_worst_part(tmp_path):
     flow = module()
     monitor = InvertibilityMonitor(every_n_steps=2, threshold=0.0)  # any rounding error warns
     run = trainer(tmp_path, 4, [monitor])
-    with pytest.warns(UserWarning, match=r"reconstruction error .* worst level \d"):
+    with pytest.warns(UserWarning, match=r"reconstruction error .* worst part scale\d \(scale0 "):
         run.fit(flow, datamodule=digits())
     assert 0.0 < float(run.callback_metrics["train/recon_error"]) < 1e-4
 

@@ -176,7 +176,7 @@ class Spline(ElementwiseTransform):
 
 
 # the one registry of transform names: models, configs (schema enums) and the benchmark read it
-TRANSFORMS: dict[str, type[ElementwiseTransform]] = {"additive": Additive, "affine": Affine, "spline": Spline}
+TRANSFORMS: dict[str, type[ElementwiseTransform]] = {"affine": Affine, "additive": Additive, "spline": Spline}
 
 
 def make_transform(name: str, options: TransformOptions | None = None) -> ElementwiseTransform:
