@@ -263,3 +263,16 @@ def test_squeeze_matches_openai_channel_order():
 def test_coupling_rejects_unknown_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Coupling(C, glow_net, **kwargs)
+
+
+def test_a_coupling_loads_the_state_of_a_checkpoint_written_before_transforms_were_objects():
+    """Older checkpoints keep RealNVP's α at <coupling>.alpha; they load, and the layer computes the same map."""
+    torch.manual_seed(0)
+    coupling = Coupling(C, glow_net, transform="affine", scale="tanh").double()
+    perturb_parameters(coupling)
+    state = coupling.state_dict()
+    state["alpha"] = state.pop("transform.alpha")
+    again = Coupling(C, glow_net, transform="affine", scale="tanh").double()
+    again.load_state_dict(state)
+    x = torch.randn(2, C, 4, 4, dtype=torch.float64)
+    assert torch.equal(again(x)[0], coupling(x)[0]) and torch.equal(again(x)[1], coupling(x)[1])

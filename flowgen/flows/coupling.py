@@ -29,7 +29,7 @@ from einops import rearrange
 from torch import nn
 
 from flowgen.flows.base import Flow, no_autocast, sum_except_batch, zero_logdet
-from flowgen.transforms import TransformOptions, make_transform
+from flowgen.transforms import Spline, TransformOptions, make_transform
 
 MASKS = ("channel", "checkerboard")
 
@@ -48,7 +48,9 @@ class Coupling(Flow):
 
     ``transform`` names the transform (``TRANSFORMS``); ``scale`` picks the affine scale
     parametrisation; ``spline_bins`` (K) and ``spline_bound`` (B) configure the spline.  The
-    conditioner's output holds parameter p of transformed channel c at channel p·C_b + c.
+    conditioner's output holds parameter p of transformed channel c at channel p·C_b + c, except for
+    splines, whose 3K - 1 numbers per channel are contiguous (c·P + p): the layout flowgen's spline
+    checkpoints have always had, kept so that they load with the same meaning.
     """
 
     def __init__(
@@ -74,7 +76,7 @@ class Coupling(Flow):
             in_ch, out_ch = self.id_channels, channels - self.id_channels
         else:
             in_ch, out_ch = channels, channels
-        options = TransformOptions(scale=scale, alpha_shape=(out_ch, 1, 1), spline_bins=spline_bins,
+        options = TransformOptions(scale=scale, alpha_shape=(1, out_ch, 1, 1), spline_bins=spline_bins,
                                    spline_bound=spline_bound)
         self.transform = make_transform(transform, options)
         self.net = conditioner(in_ch + cond_channels, self.transform.num_params * out_ch)
@@ -99,7 +101,14 @@ class Coupling(Flow):
         """The conditioner's parameters of the map, (B, C_b, H, W, num_params), in the map's dtype."""
         inp = x_a if cond is None else torch.cat([x_a, cond.to(x_a.dtype)], 1)
         h = self.net(inp).to(dtype)  # the conditioner may run in bf16; the map runs in float32
-        return rearrange(h, "b (p c) h w -> b c h w p", p=self.transform.num_params)
+        layout = "b (c p) h w -> b c h w p" if isinstance(self.transform, Spline) else "b (p c) h w -> b c h w p"
+        return rearrange(h, layout, p=self.transform.num_params)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the transforms were objects keep RealNVP's α at <coupling>.alpha
+        if prefix + "alpha" in state_dict and prefix + "transform.alpha" not in state_dict:
+            state_dict[prefix + "transform.alpha"] = state_dict.pop(prefix + "alpha")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _logdet(self, x, log_derivative, change):
         if log_derivative is None:
