@@ -66,18 +66,24 @@ def test_every_family_keeps_the_contract(family):
         model.sample(1, temperature=-1.0)
 
 
-def test_a_contract_only_model_goes_through_every_tool(tmp_path, capsys):
-    """train (diagnostics and the invertibility monitor on) -> sample.py's three modes -> evaluate.py with
-    typicality on two splits -> the OOD histogram of their CSVs -> attribute editing."""
-    cfg = compose_train(tmp_path, [f"hydra.searchpath=[file://{HELPER_CONFIGS}]", "model=pixelwise",
-                                   "model.num_classes=${data.num_classes}", "logger=csv", "run_name=contract",
-                                   *FAST, "callbacks.diagnostics.every_n_steps=2",
+def _train_watched(tmp_path, overrides: list[str]) -> tuple[Path, list[dict], list[dict]]:
+    """A few steps of train() with the diagnostics and the invertibility monitor every 2 steps and a CSV logger:
+    (run directory, every logged row, the rows with diagnostics)."""
+    cfg = compose_train(tmp_path, [*overrides, "logger=csv", *FAST, "callbacks.diagnostics.every_n_steps=2",
                                    "callbacks.invertibility_monitor.every_n_steps=2", "trainer.limit_test_batches=1"])
     train(cfg)
     run = Path(cfg.paths.output_dir)
     rows = list(csv.DictReader((run / "csv" / "version_0" / "metrics.csv").open()))
     logged = [r for r in rows if r.get("diagnostics/bpd")]
     assert [int(r["step"]) for r in logged] == [2, 4, 6]
+    return run, rows, logged
+
+
+def test_a_contract_only_model_goes_through_every_tool(tmp_path, capsys):
+    """train (diagnostics and the invertibility monitor on) -> sample.py's three modes -> evaluate.py with
+    typicality on two splits -> the OOD histogram of their CSVs -> attribute editing."""
+    run, rows, logged = _train_watched(tmp_path, [f"hydra.searchpath=[file://{HELPER_CONFIGS}]", "model=pixelwise",
+                                                  "model.num_classes=${data.num_classes}", "run_name=contract"])
     for name in ("pixelwise/logdet_bpd", "prior_bpd_fraction", "pixelwise_log_scale_max"):
         assert math.isfinite(float(logged[-1][f"diagnostics/{name}"]))
     assert any(r.get("train/recon_error") for r in rows)
@@ -126,15 +132,9 @@ def test_a_class_conditional_tarflow_goes_through_every_tool(tmp_path):
     """TarFlow with label dropout and guidance, an EMA of decay 0.999, diagnostics and the invertibility monitor
     on: train -> sample.py (a grid per class, guidance and the inverse method chosen at sampling, interpolate,
     reconstruct) -> evaluate.py (bounds, CSV, typicality) -> attribute editing."""
-    cfg = compose_train(tmp_path, [*TINY_TARFLOW, "model.num_classes=${data.num_classes}", "model.label_drop=0.1",
-                                   "model.guidance=1.0", "ema_decay=0.999", "logger=csv", "run_name=tarflow", *FAST,
-                                   "callbacks.diagnostics.every_n_steps=2",
-                                   "callbacks.invertibility_monitor.every_n_steps=2", "trainer.limit_test_batches=1"])
-    train(cfg)
-    run = Path(cfg.paths.output_dir)
-    rows = list(csv.DictReader((run / "csv" / "version_0" / "metrics.csv").open()))
-    logged = [r for r in rows if r.get("diagnostics/bpd")]
-    assert [int(r["step"]) for r in logged] == [2, 4, 6]
+    run, rows, logged = _train_watched(tmp_path, [*TINY_TARFLOW, "model.num_classes=${data.num_classes}",
+                                                  "model.label_drop=0.1", "model.guidance=1.0", "ema_decay=0.999",
+                                                  "run_name=tarflow"])
     last = {k[len("diagnostics/"):]: float(v) for k, v in logged[-1].items() if k.startswith("diagnostics/") and v}
     assert all(math.isfinite(v) for v in last.values())
     # per-block log-dets, the prior and the dequantization term add up to the bpd

@@ -34,13 +34,19 @@ from flowgen.likelihood import dequantize, quantize
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
-def uniform_noise(x: torch.Tensor, generator: Generators = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """U[0, 1) noise shaped like x, drawn from ``generator`` (per image when it is a sequence)."""
+def noise_like(draw, x: torch.Tensor, generator: Generators = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Noise shaped like x from ``draw`` (torch.rand, torch.randn), drawn from ``generator``; with a sequence
+    of generators, image i's noise comes from generator i, whatever the batch it is in."""
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.rand(x.shape, device=x.device, dtype=dtype, generator=generator)
+        return draw(x.shape, device=x.device, dtype=dtype, generator=generator)
     if len(generator) != x.shape[0]:
         raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]} images")
-    return torch.stack([torch.rand(x.shape[1:], device=x.device, dtype=dtype, generator=g) for g in generator])
+    return torch.stack([draw(x.shape[1:], device=x.device, dtype=dtype, generator=g) for g in generator])
+
+
+def uniform_noise(x: torch.Tensor, generator: Generators = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """U[0, 1) noise shaped like x, drawn from ``generator`` (per image when it is a sequence)."""
+    return noise_like(torch.rand, x, generator, dtype)
 
 
 def level_bounds(num_levels: int) -> tuple[torch.Tensor, torch.Tensor]:

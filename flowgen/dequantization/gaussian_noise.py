@@ -48,7 +48,7 @@ import math
 import torch
 from torch.special import log_ndtr
 
-from flowgen.dequantization.base import Generators
+from flowgen.dequantization.base import Generators, noise_like
 
 
 def log1mexp(t: torch.Tensor) -> torch.Tensor:
@@ -76,8 +76,4 @@ def noise_log_normalizer(y: torch.Tensor, noise_std: float) -> torch.Tensor:
 
 def gaussian_noise(x: torch.Tensor, generator: Generators = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """N(0, 1) noise shaped like x, drawn from ``generator`` (per image when it is a sequence)."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(x.shape, device=x.device, dtype=dtype, generator=generator)
-    if len(generator) != x.shape[0]:
-        raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]} images")
-    return torch.stack([torch.randn(x.shape[1:], device=x.device, dtype=dtype, generator=g) for g in generator])
+    return noise_like(torch.randn, x, generator, dtype)
