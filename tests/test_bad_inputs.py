@@ -12,10 +12,11 @@ import pickle
 import pytest
 import torch
 
+from flowgen.build import build_module
 from flowgen.cli.errors import EXIT_USER_ERROR, run_reporting_errors
 from flowgen.cli.launch import startup_error
 from flowgen.cli.overrides import unknown_choice
-from flowgen.cli.train import build_module, train
+from flowgen.cli.train import train
 from tests.fake_datasets import write_png
 from tests.test_configs import compose_train
 

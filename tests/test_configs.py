@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 import flowgen.cli  # noqa: F401  (registers resolvers)
-from flowgen.cli.train import build_module
+from flowgen.build import build_module
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -19,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from flowgen.cli.restore import num_levels_of
+from flowgen.build import build_module, num_levels_of
 from flowgen.errors import UserError
 from flowgen.evaluation import PRECISIONS, autocast_context
 from flowgen.likelihood import dequantize, nats_to_bpd
@@ -126,7 +126,6 @@ def load_weights(module, path: str) -> str:
 def flowgen_workload(cfg: DictConfig, device: torch.device, name: str = "flowgen") -> Workload:
     """The module ``train.py`` builds for ``cfg`` (model, dequantizer, optimizer, performance settings), with
     the weights of ``benchmark.weights`` when given."""
-    from flowgen.cli.train import build_module  # the same construction as training
 
     torch.manual_seed(cfg.seed)
     num_levels = num_levels_of(cfg)

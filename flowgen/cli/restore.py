@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from flowgen.build import build_module, num_levels_of
 from flowgen.cli.checkpoints import check_state_matches, load_checkpoint
 from flowgen.cli.errors import UserError
 from flowgen.cli.run_files import CONFIG_FILE, find_checkpoint, run_dir_of
@@ -95,7 +96,6 @@ def restore_run(ckpt_path: str | Path, use_ema: bool = True, device: str | torch
     """Rebuild the module from its saved config and load the checkpoint's weights, in eval mode on ``device``.
     A run directory gives its best checkpoint by val/bpd (``which="best"``, the one train.py tested) or
     its ``last.ckpt`` (``which="last"``); see ``flowgen.cli.run_files.find_checkpoint``."""
-    from flowgen.cli.train import build_module  # the same construction as training
 
     ckpt, note = find_checkpoint(ckpt_path, which)
     checkpoint = load_checkpoint(ckpt)
@@ -110,12 +110,6 @@ def restore_run(ckpt_path: str | Path, use_ema: bool = True, device: str | torch
     module.load_state_dict(checkpoint["state_dict"], strict=True)
     module.to(device).eval()
     return RestoredRun(module=module, cfg=cfg, ckpt=ckpt, run_dir=run_dir_of(ckpt), use_ema=use_ema, which=note)
-
-
-def num_levels_of(cfg: DictConfig) -> int:
-    """K of a run configuration: data.num_levels when set, else 2**data.n_bits."""
-    data = cfg.data
-    return int(data.num_levels) if data.get("num_levels") else 2 ** int(data.n_bits)
 
 
 def resolve_device(device: str) -> torch.device:

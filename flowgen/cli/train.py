@@ -19,6 +19,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from flowgen.build import build_module
 from flowgen.cli.checkpoints import check_state_matches, load_checkpoint
 from flowgen.cli.errors import UserError, one_line
 from flowgen.cli.loggers import build_loggers
@@ -27,44 +28,11 @@ from flowgen.cli.run_files import CONFIG_FILE, remove_unused_run_dir
 from flowgen.cli.run_lock import RunLock, describe_owner
 from flowgen.cli.sweeps import in_multirun, sweep_objective
 from flowgen.config.checks import validated
-from flowgen.performance import compile_model, keep_freed_cpu_memory, set_channels_last
+from flowgen.performance import keep_freed_cpu_memory
 from flowgen.training import FlowModule, NonFiniteStepsError, NonFiniteWeightsError
 from flowgen.training.checkpoint_io import AtomicCheckpointIO, remove_partial_files
 from flowgen.training.final_checkpoint import FinalStepCheckpoint
 from flowgen.training.stop_signals import StopOnSignal
-
-
-def build_module(cfg: DictConfig, num_levels: int, compile: bool = True) -> FlowModule:
-    """The flow, its dequantizer and the optimisation settings, from the config alone.
-    ``compile=False`` skips ``performance.compile`` (evaluate.py and sample.py run a checkpoint eagerly)."""
-    model = instantiate(cfg.model)
-    performance = cfg.get("performance") or {}
-    dequantizer = instantiate(cfg.dequantization, num_levels=num_levels)
-    noise_std = float(OmegaConf.select(cfg, "model.noise_std", default=None) or 0.0)
-    if noise_std != dequantizer.noise_std:
-        raise UserError(f"model.noise_std={noise_std:g} but the {cfg.dequantization._target_.rsplit('.', 1)[-1]} "
-                        f"adds noise of std {dequantizer.noise_std:g}: the model's denoising and the training noise "
-                        "must agree; use dequantization=uniform, whose noise_std follows model.noise_std")
-    for network in (model, dequantizer):
-        set_channels_last(network, performance.get("channels_last", False))
-    module = FlowModule(
-        model=model,
-        dequantizer=dequantizer,
-        num_levels=num_levels,
-        optimizer=instantiate(cfg.optimizer, _convert_="all"),  # plain lists: checkpoints load weights_only
-        warmup_steps=cfg.scheduler.warmup_steps,
-        schedule=cfg.scheduler.schedule,
-        min_lr_ratio=cfg.scheduler.min_lr_ratio,
-        ema_decay=cfg.get("ema_decay"),
-        class_conditional=bool(cfg.model.get("num_classes")),
-        eval_samples=OmegaConf.select(cfg, "evaluation.num_samples", default=1),
-        eval_seed=OmegaConf.select(cfg, "evaluation.seed", default=0),
-        run_config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),  # plain data: loads weights_only
-    )
-    # after the EMA copy is made: the averaged weights are only evaluated, never worth a compile
-    if compile:
-        compile_model(module.model, performance.get("compile", "none"))
-    return module
 
 
 def _check_labels(cfg: DictConfig, datamodule) -> None:
