@@ -11,11 +11,12 @@ from hydra.core.global_hydra import GlobalHydra
 
 from flowgen.cli.errors import run_reporting_errors
 from flowgen.flows.autoregressive import MaskedAutoregressive
+from flowgen.flows.prior import standard_normal_log_prob
 from flowgen.playground.densities import DENSITIES, sample_density
 from flowgen.playground.figures import density_figure, evolution_figure
 from flowgen.playground.flows2d import FLOW_KINDS, AffineCoupling, SplineCoupling, VectorActNorm, build_flow
 from flowgen.playground.grid import integrate
-from flowgen.playground.model import FlowDensity2d, standard_normal_log_prob
+from flowgen.playground.model import FlowDensity2d
 from flowgen.playground.run import playground_2d
 from flowgen.playground.training import mean_nll, train
 from tests.conftest import initialize_actnorms, jacobian_logdets, perturb_parameters

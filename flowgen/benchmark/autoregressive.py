@@ -32,8 +32,8 @@ import torch
 from flowgen.benchmark.measure import cpu_description, median, timed
 from flowgen.flows.autoregressive import MaskedAutoregressive, MaskedLinear
 from flowgen.flows.base import FlowSequence
+from flowgen.flows.prior import standard_normal_log_prob
 from flowgen.playground.flows2d import FLOW_KINDS, build_flow
-from flowgen.playground.model import standard_normal_log_prob
 
 
 @dataclass

@@ -32,6 +32,12 @@ def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
         return sum_except_batch(-0.5 * LOG_2PI - log_std - 0.5 * eps * eps)
 
 
+def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """Σ_i log N(z_i; 0, 1), shape (B,), in float32 (float64 for float64 z) with autocast off."""
+    zeros = torch.zeros_like(z)
+    return gaussian_log_prob(z, zeros, zeros)
+
+
 def gaussian_sample(mean: torch.Tensor, log_std: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:
     """z = mean + temperature · exp(log_std) · ε,  ε ~ N(0, I)."""
     if temperature < 0:

@@ -95,6 +95,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flowgen.flows.base import logdet_dtype, no_autocast, sum_except_batch, zero_logdet
+from flowgen.flows.prior import standard_normal_log_prob
 from flowgen.models.base import FlowModel, LogProbParts, check_temperature, labels_for, latent_list
 from flowgen.models.validation import check_choice, check_image_size, check_positive
 from flowgen.transforms import AFFINE_SCALES, TRANSFORMS, TransformOptions, make_transform
@@ -468,14 +469,6 @@ class TarFlow(FlowModel):
                          transform, options, reverse=k % 2 == 1, num_classes=num_classes)
             for k in range(num_blocks)
         ])
-        self.config = dict(in_channels=in_channels, image_size=image_size, patch_size=patch_size, width=width,
-                           num_blocks=num_blocks, layers_per_block=layers_per_block, num_heads=num_heads,
-                           num_classes=num_classes, transform=transform, mlp_ratio=mlp_ratio,
-                           affine_scale=affine_scale, spline_bins=spline_bins, spline_bound=spline_bound,
-                           noise_std=noise_std, label_drop=label_drop, guidance=guidance,
-                           guidance_annealed=guidance_annealed, inverse_method=inverse_method,
-                           jacobi_segments=jacobi_segments, jacobi_max_iterations=jacobi_max_iterations,
-                           jacobi_tolerance=jacobi_tolerance, denoise=denoise, memory=memory)
 
     # -- labels -----------------------------------------------------------------------------------
     def _labels(self, y, n: int, device: torch.device) -> torch.Tensor | None:
@@ -499,28 +492,22 @@ class TarFlow(FlowModel):
             return checkpoint(block, h, labels, use_reentrant=False)
         return block(h, labels)
 
+    def _tokens_to_latent(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x -> (latent tokens (B, T, d), Σ_k log|det| of the blocks (B,)) for the given block labels."""
+        h, logdet = patchify(x, self.patch_size), zero_logdet(x)
+        for block in self.blocks:
+            h, ld = self._run_block(block, h, labels)
+            logdet = logdet + ld
+        return h, logdet
+
     def forward(self, x: torch.Tensor, y=None) -> tuple[torch.Tensor, torch.Tensor]:
         """x -> (z image-shaped (B, C, H, W), log|det ∂z/∂x| (B,)): the bijection for labels y (∅ when None)."""
-        labels = self._labels(y, x.shape[0], x.device)
-        h, logdet = patchify(x, self.patch_size), zero_logdet(x)
-        for block in self.blocks:
-            h, ld = self._run_block(block, h, labels)
-            logdet = logdet + ld
+        h, logdet = self._tokens_to_latent(x, self._labels(y, x.shape[0], x.device))
         return unpatchify(h, self.patch_size, self.image_size), logdet
 
-    @staticmethod
-    def prior_log_prob(z: torch.Tensor) -> torch.Tensor:
-        """log N(z; 0, I) = -Σ (z² + log 2π)/2, (B,), with autocast off."""
-        with no_autocast(z):
-            z = z.to(logdet_dtype(z))
-            return sum_except_batch(-0.5 * (z**2 + math.log(2 * math.pi)))
-
     def _log_prob(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        h, logdet = patchify(x, self.patch_size), zero_logdet(x)
-        for block in self.blocks:
-            h, ld = self._run_block(block, h, labels)
-            logdet = logdet + ld
-        return self.prior_log_prob(h) + logdet
+        h, logdet = self._tokens_to_latent(x, labels)
+        return standard_normal_log_prob(h) + logdet
 
     def log_prob(self, x: torch.Tensor, y=None) -> torch.Tensor:
         """log p(x | y) in nats, (B,), of the (dequantized, possibly noisy) input x; ∅ when y is None.
@@ -540,7 +527,7 @@ class TarFlow(FlowModel):
                 with no_autocast(h):
                     terms[f"block{k}/logdet"] = sum_except_batch(log_derivative)
                 log_derivatives[f"block{k}"] = log_derivative.flatten()
-        terms["prior"] = self.prior_log_prob(h)
+        terms["prior"] = standard_normal_log_prob(h)
         return LogProbParts(terms, log_derivatives)
 
     # -- latents -> data ----------------------------------------------------------------------------

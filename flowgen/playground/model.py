@@ -17,13 +17,7 @@ import torch
 from torch import nn
 
 from flowgen.flows.base import FlowSequence, zero_logdet
-from flowgen.flows.prior import gaussian_log_prob
-
-
-def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
-    """Σ_i log N(z_i; 0, 1), shape (B,)."""
-    zeros = torch.zeros_like(z)
-    return gaussian_log_prob(z, zeros, zeros)
+from flowgen.flows.prior import standard_normal_log_prob
 
 
 class FlowDensity2d(nn.Module):
