@@ -30,6 +30,28 @@ Uniform noise is the special case log q = 0.  Bits per dimension:
     bpd = -log P(x) / (D · ln 2).
 
 A model that is uniform on [-1/2, 1/2)^D (log p_Y = 0) scores exactly log2 K bits per dimension.
+
+Preprocessing (optional; RealNVP, Dinh et al. 2017, section 4.1).  The flow may model the logit of
+the rescaled pixels instead of y: with p = y + 1/2 ∈ [0, 1) and α ∈ (0, 1/2),
+
+    s = α + (1 - 2α)·p ∈ [α, 1 - α),      z = logit(s) = log s - log(1 - s),
+
+a bijection of [-1/2, 1/2)^D onto [logit α, logit(1 - α))^D whose log-determinant is
+
+    log |det ∂z/∂y| = Σ_i [ log(1 - 2α) - log s_i - log(1 - s_i) ]
+                    = Σ_i [ log(1 - 2α) + softplus(z_i) + softplus(-z_i) ].
+
+The density of y is then p_Y(y) = p_Z(z) · |det ∂z/∂y|, so every bound above holds with
+
+    log p_Y(y) = log p_Z(z) + log |det ∂z/∂y|
+
+(``LogitPreprocessed`` in flowgen/models/preprocessed.py puts this term into the model's
+``log_prob``, so every consumer of the model contract counts it).  Sampling runs the map backwards:
+y = (σ(z) - α)/(1 - 2α) - 1/2, then ``quantize``.  Σ_x P(x) is the mass p_Z puts on the box
+[logit α, logit(1 - α)]^D, at most 1: the mass outside is never counted, so bpd stays an upper
+bound on the code length of a proper distribution (a standard-logistic p_Z scores log2 K -
+log2(1 - 2α) bits per dimension: p_Y = (1 - 2α)^D on the whole cube).
+
 Every quantity here is computed in float32 (float64 if given float64).
 """
 
@@ -38,15 +60,11 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn.functional import softplus
+
+from flowgen.errors import InvalidValueError
 
 LN2 = math.log(2.0)
-
-
-def num_levels_from_bits(n_bits: int) -> int:
-    """K = 2**n_bits for n_bits in 1..8."""
-    if not isinstance(n_bits, int) or isinstance(n_bits, bool) or not 1 <= n_bits <= 8:
-        raise ValueError(f"n_bits must be an integer in 1..8, got {n_bits!r}")
-    return 2**n_bits
 
 
 def _float(t: torch.Tensor) -> torch.Tensor:
@@ -103,3 +121,37 @@ def bits_per_dim(log_px: torch.Tensor, num_dims: int) -> torch.Tensor:
 def nats_to_bpd(nll_nats: torch.Tensor, num_dims: int) -> torch.Tensor:
     """Negative log-likelihood in nats per image -> bits per dimension."""
     return _float(nll_nats) / (num_dims * LN2)
+
+
+def check_logit_alpha(alpha) -> float:
+    """α of the logit map as a float: a number strictly between 0 and 1/2, else a one-line ``InvalidValueError``."""
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 0.5:
+        raise InvalidValueError(f"preprocessing.logit_alpha={alpha!r} must be a number strictly between 0 and 0.5 "
+                                "(RealNVP uses 0.05 on CIFAR-10), or null for no logit map")
+    return float(alpha)
+
+
+def logit_log_derivatives(z: torch.Tensor, alpha: float) -> torch.Tensor:
+    """log |∂z_i/∂y_i| = log(1 - 2α) + softplus(z_i) + softplus(-z_i), elementwise, from the logit z."""
+    z = _float(z)
+    return math.log(1 - 2 * alpha) + softplus(z) + softplus(-z)
+
+
+def logit_map(y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """z = logit(α + (1 - 2α)(y + 1/2)) and its log-determinant Σ_i log |∂z_i/∂y_i|, shape (B,) (module docstring).
+
+    Computed in float64 and returned in float32 (float64 if given float64): then only the rounding of z
+    itself, at most ~1.5e-8 in y, separates ``inverse_logit_map(z)`` from y, so pixels -> z -> pixels
+    returns every pixel whose y lies farther than that from its bin's edges (float32 rounding of s would
+    move y by up to ~7e-8).
+    """
+    s = alpha + (1 - 2 * alpha) * (y.double() + 0.5)
+    z = torch.log(s) - torch.log1p(-s)
+    dtype = _float(y).dtype
+    return z.to(dtype), logit_log_derivatives(z, alpha).flatten(1).sum(1).to(dtype)
+
+
+def inverse_logit_map(z: torch.Tensor, alpha: float) -> torch.Tensor:
+    """y = (σ(z) - α)/(1 - 2α) - 1/2 (in float64, returned like ``logit_map``): the inverse of ``logit_map``;
+    outside [-1/2, 1/2) for z outside the box [logit α, logit(1 - α)], where ``quantize`` clamps."""
+    return ((torch.sigmoid(z.double()) - alpha) / (1 - 2 * alpha) - 0.5).to(_float(z).dtype)

@@ -6,7 +6,7 @@
         'benchmark.compare=["model.inverse_method=sequential_uncached","model.inverse_method=jacobi"]'
 
 Any train.py override applies (trainer.precision, performance.channels_last, performance.compile,
-model.memory, data.batch_size, ...); see configs/benchmark.yaml and flowgen/benchmark/run.py for
+model.memory, data.batch_size, ...); see configs/benchmark.yaml and flowgen/benchmark/compare.py for
 what is measured.  Writes logs/benchmark/runs/<time>/benchmark.json and prints a markdown table.
 """
 
@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 import flowgen.cli  # noqa: F401  (registers the config resolvers)
-from flowgen.benchmark.run import run_benchmark
+from flowgen.cli.benchmark import run_benchmark
 from flowgen.cli.errors import run_reporting_errors
 from flowgen.cli.launch import run_entry_point
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from flowgen.cli.restore import instantiate_data, restore_run
+from flowgen.build import instantiate_data, restore_run
 from flowgen.latents import interpolate
 from flowgen.likelihood import to_unit_interval
 from flowgen.sampling import image_grid, temperature_rows

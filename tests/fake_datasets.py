@@ -76,6 +76,20 @@ def write_imagenet(root: Path, size: int = 32, per_file: int = 2, n_val: int = 3
     return out
 
 
+def write_imagenet_oord(root: Path, size: int = 32, n_train: int = 4, n_valid: int = 2) -> dict[str, np.ndarray]:
+    """imagenet<S>/train_<S>x<S>/*.png and valid_<S>x<S>/*.png (van den Oord's archives, extracted): RGB PNGs.
+    Returns the (N, S, S, 3) pixels of each split in file-name order."""
+    out = {}
+    for split, n, seed in (("train", n_train, 1), ("valid", n_valid, 2)):
+        folder = root / f"imagenet{size}" / f"{split}_{size}x{size}"
+        folder.mkdir(parents=True, exist_ok=True)
+        images = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), np.uint8)
+        for i, img in enumerate(images):
+            Image.fromarray(img, "RGB").save(folder / f"{i:08d}.png")
+        out[split] = images
+    return out
+
+
 def write_png(path: Path, size=(20, 20), mode: str = "RGB", seed: int = 0) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]

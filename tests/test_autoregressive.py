@@ -216,7 +216,7 @@ def test_wrong_inputs_are_value_errors():
 
 def test_cost_benchmark_counts_one_pass_and_d_passes(capsys):
     """scripts/benchmark_autoregressive.py at a toy size: the table's rows and pass counts (no time is asserted)."""
-    from flowgen.benchmark.autoregressive import main
+    from flowgen.cli.benchmark_autoregressive import main
 
     threads = torch.get_num_threads()
     table = main(["--dims", "3", "--batch", "4", "--hidden", "4", "--layers", "2", "--repeats", "2"])

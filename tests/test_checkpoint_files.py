@@ -20,10 +20,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from flowgen.cli import checkpoint_files
-from flowgen.cli.checkpoints import load_checkpoint
+from flowgen.build import run_config
+from flowgen.checkpoints import diagnosis as checkpoint_files
+from flowgen.checkpoints.reading import load_checkpoint
 from flowgen.cli.errors import EXIT_USER_ERROR, run_reporting_errors
-from flowgen.cli.restore import run_config
 from flowgen.cli.sample import sample
 from flowgen.errors import UserError
 from tests.train_runner import REPO, run_entry

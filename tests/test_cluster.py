@@ -13,10 +13,10 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from train_runner import FAST, REPO, run_dir, run_entry
 
 import flowgen.cli  # noqa: F401  (the config resolvers)
 from flowgen.training.preemption import REQUEUE_EXIT_CODE, parse_signal
+from tests.train_runner import FAST, REPO, run_dir, run_entry
 
 QUICK = [*FAST, "logger=csv", "model.hidden_channels=8", "trainer.max_steps=2", "trainer.limit_train_batches=2",
          "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from flowgen.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
+from flowgen.checkpoints.writing import AtomicCheckpointIO, CheckpointWriteError
 from tests.train_runner import FAST, REPO, run_dir, run_entry
 
 
@@ -44,7 +44,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         f.write(b"partial bytes")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("flowgen.training.checkpoint_io.torch.save", full_disk)
+    monkeypatch.setattr("flowgen.checkpoints.writing.torch.save", full_disk)
     with pytest.raises(CheckpointWriteError, match="last.ckpt: No space left on device; the previous checkpoints"):
         io.save_checkpoint({"step": 2}, good)
     monkeypatch.undo()
@@ -54,7 +54,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 WRITER = """
 import sys, torch
-from flowgen.training.checkpoint_io import AtomicCheckpointIO
+from flowgen.checkpoints.writing import AtomicCheckpointIO
 io = AtomicCheckpointIO()
 big = {"weights": torch.randn(64 * 1024 * 1024 // 4), "step": 2}  # 64 MiB: a write that takes a while
 while True:

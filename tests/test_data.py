@@ -21,15 +21,17 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from flowgen.data import DATASETS, DatasetNotFoundError, ImageDataModule
+from flowgen.data import DATASETS, DatasetNotFoundError, ImageDataModule, num_levels
 from flowgen.data.errors import DatasetCorruptError
-from flowgen.data.imagenet_downsampled import open_npz_array
+from flowgen.data.imagenet_chrabaszcz import open_npz_array
 from flowgen.data.quantize import Quantize
+from flowgen.errors import InvalidValueError
 from tests.fake_datasets import (
     pixels,
     write_celeba,
     write_cifar10,
     write_imagenet,
+    write_imagenet_oord,
     write_mnist,
     write_png,
     write_svhn,
@@ -61,9 +63,12 @@ def make(name: str, root: Path, **kwargs) -> ImageDataModule:
 
 def test_quantize_keeps_the_top_bits():
     x = torch.tensor([0, 7, 8, 200, 255], dtype=torch.uint8)
-    assert Quantize(5)(x).tolist() == [0, 0, 1, 25, 31]
-    assert Quantize(8)(x).tolist() == x.tolist()
+    assert Quantize(32)(x).tolist() == [0, 0, 1, 25, 31]
+    assert Quantize(256)(x).tolist() == x.tolist()
     assert Quantize(None)(x).tolist() == x.tolist()  # digits: already levels
+    every = torch.arange(256, dtype=torch.uint8)
+    for n_bits in range(1, 9):  # floor(p K / 256) is the top n_bits bits for K = 2**n_bits
+        assert torch.equal(Quantize(2**n_bits)(every), every >> (8 - n_bits))
 
 
 # ---- CIFAR-10 ---------------------------------------------------------------------------
@@ -252,12 +257,61 @@ def test_celeba_official_splits_cropped_and_resized(tmp_path):
     assert dm.num_classes is None
 
 
-# ---- downsampled ImageNet ---------------------------------------------------------------
+# ---- downsampled ImageNet: van den Oord et al. 2016 (the papers' tables) ------------------
+
+
+def test_imagenet_oord_pngs(tmp_path):
+    """data=imagenet32: train_32x32/*.png and valid_32x32/*.png; the official valid set is the test split."""
+    written = write_imagenet_oord(tmp_path, size=32, n_train=12, n_valid=3)
+    dm = make("imagenet32", tmp_path, val_size=2)
+    dm.prepare_data()
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (10, 2, 3)
+    assert dm.num_classes is None and dm.num_levels == 256
+    x, y = dm.test_set[1]
+    assert y == -1 and torch.equal(x, torch.from_numpy(written["valid"][1]).permute(2, 0, 1))
+
+
+def test_imagenet_oord_64_at_fewer_bits_and_a_smaller_size(tmp_path):
+    written = write_imagenet_oord(tmp_path, size=64, n_train=3, n_valid=2)
+    dm = make("imagenet64", tmp_path, image_size=64, n_bits=5, val_size=1)
+    dm.setup()
+    x, _ = dm.test_set[0]
+    assert torch.equal(x, torch.from_numpy(written["valid"][0]).permute(2, 0, 1) >> 3)
+    small = make("imagenet64", tmp_path, image_size=32, val_size=1)
+    small.setup()
+    assert small.test_set[0][0].shape == (3, 32, 32)
+
+
+def test_imagenet_oord_image_of_the_wrong_size_is_named(tmp_path):
+    write_imagenet_oord(tmp_path, size=32, n_train=3, n_valid=2)
+    write_png(tmp_path / "imagenet32" / "valid_32x32" / "00000001.png", (64, 64), "RGB")
+    dm = make("imagenet32", tmp_path, val_size=1)
+    dm.setup()
+    with pytest.raises(DatasetCorruptError, match=r"00000001.png.*RGB 32x32") as info:
+        dm.test_set[1]
+    assert "\n" not in str(info.value)
+
+
+def test_imagenet_oord_and_chrabaszcz_files_live_side_by_side(tmp_path):
+    """Each release is read from its own files in <root>/imagenet32, and a missing one names its own archives."""
+    write_imagenet(tmp_path, size=32)
+    with pytest.raises(DatasetNotFoundError, match=r"train_32x32.tar and valid_32x32.tar .*van den Oord"):
+        make("imagenet32", tmp_path).prepare_data()
+    write_imagenet_oord(tmp_path, size=32, n_train=4, n_valid=2)
+    oord, chrabaszcz = make("imagenet32", tmp_path, val_size=1), make("imagenet32_chrabaszcz", tmp_path, val_size=1)
+    for dm in (oord, chrabaszcz):
+        dm.setup()
+    assert (len(oord.test_set), len(chrabaszcz.test_set)) == (2, 3)
+    assert (oord.num_classes, chrabaszcz.num_classes) == (None, 1000)
+
+
+# ---- downsampled ImageNet: Chrabaszcz et al. 2017 (npz release) ---------------------------
 
 
 def test_imagenet_npz_batches(tmp_path):
     files = write_imagenet(tmp_path, size=32)
-    dm = make("imagenet32", tmp_path, n_bits=8, val_size=5)
+    dm = make("imagenet32_chrabaszcz", tmp_path, n_bits=8, val_size=5)
     dm.prepare_data()
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (15, 5, 3)
@@ -284,7 +338,7 @@ def test_npz_arrays_are_memory_mapped_when_stored(tmp_path):
 
 def test_imagenet_workers_reopen_the_maps_instead_of_copying_them(tmp_path):
     write_imagenet(tmp_path, size=32)
-    dm = make("imagenet32", tmp_path)
+    dm = make("imagenet32_chrabaszcz", tmp_path)
     dm.setup()
     raw = dm.test_set.source
     raw[0]  # opens the maps in this process
@@ -293,7 +347,7 @@ def test_imagenet_workers_reopen_the_maps_instead_of_copying_them(tmp_path):
 
 def test_imagenet64_and_downsizing(tmp_path):
     write_imagenet(tmp_path, size=64, per_file=1, n_val=2)
-    dm = make("imagenet64", tmp_path, image_size=32, n_bits=3, val_size=1)
+    dm = make("imagenet64_chrabaszcz", tmp_path, image_size=32, n_bits=3, val_size=1)
     dm.setup()
     x, _ = dm.train_set[0]
     assert x.shape == (3, 32, 32) and int(x.max()) <= 7
@@ -305,7 +359,7 @@ def test_imagenet_wrong_shape_is_named(tmp_path):
         tmp_path / "imagenet32" / "val_data.npz", data=np.zeros((3, 10), np.uint8), labels=[1, 2, 3]
     )
     with pytest.raises(DatasetCorruptError, match="val_data.npz"):
-        make("imagenet32", tmp_path).setup()
+        make("imagenet32_chrabaszcz", tmp_path).setup()
 
 
 # ---- folder -----------------------------------------------------------------------------
@@ -444,6 +498,8 @@ def test_digits_has_17_levels_and_test_equals_val():
         ("celeba", "celeba", {"image_size": 64}),
         ("imagenet32", "imagenet32", {}),
         ("imagenet64", "imagenet64", {"image_size": 64}),
+        ("imagenet32_chrabaszcz", "imagenet32", {}),
+        ("imagenet64_chrabaszcz", "imagenet64", {"image_size": 64}),
     ],
 )
 def test_missing_files_name_the_directory(tmp_path, name, folder, kwargs):
@@ -506,10 +562,12 @@ def test_val_size_larger_than_train_is_refused(tmp_path):
 
 
 def load_config(name: str, data_dir: Path, path: Path) -> object:
-    """configs/data/<name>.yaml under a minimal parent config that defines paths.data_dir."""
+    """configs/data/<name>.yaml on the shared configs/base/data.yaml, under a minimal parent config that
+    defines paths.data_dir (composing with the schema through Hydra is tested in test_configs)."""
     cfg = OmegaConf.create({"paths": {"data_dir": str(data_dir)}})
-    cfg.data = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
-    cfg.data.pop("defaults")  # its schema (flowgen/config/schema.py); composing is tested in test_configs
+    own = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
+    assert list(own.pop("defaults")) == ["data_schema", "/base/data@_here_", "_self_"]
+    cfg.data = OmegaConf.merge(OmegaConf.load(CONFIG_DIR.parent / "base" / "data.yaml"), own)
     if name == "folder":
         cfg.data.path = str(path)
     return cfg.data
@@ -595,3 +653,19 @@ def test_evaluation_shards_cover_every_image_once_without_padding(world_size, n)
     assert sorted(i for shard in shards for i in shard) == list(range(n))
     assert [len(EvaluationShardSampler(list(range(n)), world_size, r)) for r in range(world_size)] == \
         [len(s) for s in shards]
+
+
+@pytest.mark.parametrize("bad", [0, 9, -1, 2.5, True, None])
+def test_n_bits_must_be_an_int_in_1_to_8(bad):
+    with pytest.raises(InvalidValueError, match=r"data.n_bits=.* must be an int in 1..8"):
+        num_levels("cifar10", bad)
+
+
+def test_k_is_the_datasets_own_count_or_two_to_the_bits():
+    """The one rule for K: digits store 17 levels (n_bits must then be null); 8-bit sources keep 2**n_bits."""
+    assert [num_levels("cifar10", n) for n in range(1, 9)] == [2**n for n in range(1, 9)]
+    assert num_levels("digits", None) == 17
+    with pytest.raises(InvalidValueError, match="digits has its own 17 levels"):
+        num_levels("digits", 8)
+    with pytest.raises(InvalidValueError, match="is not a dataset"):
+        num_levels("cifar100", 8)

@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
-from train_runner import FAST, REPO, run_dir, run_entry
 
 from flowgen.flows.actnorm import ActNorm
 from flowgen.training.rank_sync import differing_tensors, tensor_checksums
+from tests.train_runner import FAST, REPO, run_dir, run_entry
 
 
 def test_checksums_see_every_bit_and_every_position():

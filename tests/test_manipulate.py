@@ -21,9 +21,9 @@ from flowgen.attributes import (
     mean_latent_difference,
     shift_latents,
 )
+from flowgen.build import instantiate_data, restore_run
 from flowgen.cli.errors import UserError, run_reporting_errors
 from flowgen.cli.manipulate import attribute_groups, edit_attribute
-from flowgen.cli.restore import instantiate_data, restore_run
 from flowgen.data import ImageDataModule
 from flowgen.latents import reconstruct
 from flowgen.models import Glow

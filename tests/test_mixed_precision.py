@@ -12,9 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import initialize_actnorms, perturb_parameters
-from test_configs import compose_train
-from train_runner import FAST, run_dir, run_entry
 
 from flowgen.cli import train as train_cli
 from flowgen.data import ImageDataModule
@@ -23,6 +20,9 @@ from flowgen.evaluation import autocast_context, evaluate_split, likelihood_boun
 from flowgen.flows.nets import ActNormConv2d, ZeroConv2d
 from flowgen.likelihood import bits_per_dim
 from flowgen.models import Glow, RealNVP, TarFlow
+from tests.conftest import initialize_actnorms, perturb_parameters
+from tests.test_configs import compose_train
+from tests.train_runner import FAST, run_dir, run_entry
 
 K = 17  # digits: 17 levels, 8x8, one channel
 

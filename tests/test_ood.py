@@ -14,10 +14,10 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from PIL import Image
 
+from flowgen.build import instantiate_data, restore_run
 from flowgen.cli.errors import run_reporting_errors
 from flowgen.cli.evaluate import evaluate
 from flowgen.cli.ood_histogram import ood_histogram
-from flowgen.cli.restore import instantiate_data, restore_run
 from flowgen.cli.train import train
 from flowgen.evaluation import evaluate_split
 from flowgen.ood import auroc, batch_test, bootstrap_threshold, read_scores, typicality, write_scores

@@ -12,10 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturb_parameters
-from test_bad_inputs import run_train
-from test_configs import compose_train
-from train_runner import FAST
 
 from flowgen.benchmark.measure import (
     PeakMemory,
@@ -25,13 +21,17 @@ from flowgen.benchmark.measure import (
     recorded_convolutions,
     saved_activation_bytes,
 )
-from flowgen.benchmark.run import run_benchmark
 from flowgen.benchmark.workloads import flowgen_workload, normflows_workload, variant_config
 from flowgen.cli import train as train_cli
+from flowgen.cli.benchmark import run_benchmark
 from flowgen.errors import UserError
 from flowgen.flows.nets import ActNormConv2d, GlowConditioner, ResNetConditioner, ZeroConv2d
 from flowgen.models import Glow, RealNVP, TarFlow
 from flowgen.performance import apply_performance, compile_model, glibc, set_channels_last
+from tests.conftest import perturb_parameters
+from tests.test_bad_inputs import run_train
+from tests.test_configs import compose_train
+from tests.train_runner import FAST
 
 
 def tiny_models():

@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from flowgen.cli.errors import run_reporting_errors
+from flowgen.cli.playground_2d import playground_2d
 from flowgen.flows.autoregressive import MaskedAutoregressive
 from flowgen.flows.prior import standard_normal_log_prob
 from flowgen.playground.densities import DENSITIES, sample_density
@@ -17,7 +18,6 @@ from flowgen.playground.figures import density_figure, evolution_figure
 from flowgen.playground.flows2d import FLOW_KINDS, AffineCoupling, SplineCoupling, VectorActNorm, build_flow
 from flowgen.playground.grid import integrate
 from flowgen.playground.model import FlowDensity2d
-from flowgen.playground.run import playground_2d
 from flowgen.playground.training import mean_nll, train
 from tests.conftest import initialize_actnorms, jacobian_logdets, perturb_parameters
 from tests.train_runner import REPO, run_entry

@@ -12,13 +12,13 @@ import time
 import pytest
 import torch
 from omegaconf import OmegaConf
-from train_runner import FAST, REPO, run_dir
 
 from flowgen.cli.errors import EXIT_USER_ERROR, run_reporting_errors
 from flowgen.cli.resume import continue_config, plan_run
 from flowgen.cli.train import train
 from flowgen.errors import UserError
 from tests.test_configs import compose_train
+from tests.train_runner import FAST, REPO, run_dir
 
 TINY = ["logger=csv", *FAST, "model.hidden_channels=8", "test=false"]
 

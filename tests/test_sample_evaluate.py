@@ -12,9 +12,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
+from flowgen.build import restore_run
 from flowgen.cli.errors import run_reporting_errors
 from flowgen.cli.evaluate import evaluate
-from flowgen.cli.restore import restore_run
 from flowgen.cli.sample import sample
 from flowgen.evaluation import image_generators
 from flowgen.likelihood import bits_per_dim, dequantize

@@ -18,16 +18,16 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 import flowgen.cli  # noqa: F401  (registers the resolvers and the schemas)
-from flowgen.benchmark.run import run_benchmark
+from flowgen.cli.benchmark import run_benchmark
 from flowgen.cli.errors import EXIT_USER_ERROR, UserError, run_reporting_errors
 from flowgen.cli.evaluate import evaluate
 from flowgen.cli.launch import run_entry_point
 from flowgen.cli.manipulate import edit_attribute
 from flowgen.cli.ood_histogram import ood_histogram
+from flowgen.cli.playground_2d import playground_2d
 from flowgen.cli.sample import sample
 from flowgen.config import tool_schemas
 from flowgen.config.checks import validated
-from flowgen.playground.run import playground_2d
 from tests.test_configs import compose_train
 from tests.train_runner import REPO
 

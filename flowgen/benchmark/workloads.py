@@ -20,6 +20,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from flowgen.build import build_module, num_levels_of
+from flowgen.checkpoints.reading import check_state_matches, load_checkpoint
+from flowgen.checkpoints.run_dir import find_checkpoint
 from flowgen.errors import UserError
 from flowgen.evaluation import PRECISIONS, autocast_context
 from flowgen.likelihood import dequantize, nats_to_bpd
@@ -108,9 +110,6 @@ def load_weights(module, path: str) -> str:
     """Copy a checkpoint's model weights (a .ckpt, or a run directory's last.ckpt) into the module's model and
     its EMA copy: the checkpoint's EMA weights when it kept them (those sample.py uses), else its trained ones.
     Returns what was loaded, for the record."""
-    from flowgen.cli.checkpoints import check_state_matches, load_checkpoint
-    from flowgen.cli.run_files import find_checkpoint
-
     if not Path(path).expanduser().exists():
         raise UserError(f"benchmark.weights={path}: no such checkpoint file or run directory")
     ckpt, _ = find_checkpoint(path, "last")

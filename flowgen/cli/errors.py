@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 
 from flowgen.cli.loggers import finish_wandb_run
 from flowgen.cli.quiet import quiet_third_party_notices
-from flowgen.errors import UserError
+from flowgen.errors import UserError, one_line
 
-__all__ = ["EXIT_USER_ERROR", "UserError", "is_user_error", "run_reporting_errors"]
+__all__ = ["EXIT_USER_ERROR", "UserError", "is_user_error", "one_line", "run_reporting_errors"]
 
 EXIT_USER_ERROR = 2
 
@@ -29,16 +29,6 @@ def _root_cause(exc: BaseException) -> BaseException:
 def _unknown_target(exc: BaseException) -> bool:
     """A ``_target_`` that names no importable class: a config mistake (e.g. a misspelt callback class)."""
     return isinstance(exc, InstantiationException) and str(exc).startswith("Error locating target")
-
-
-def one_line(exc: BaseException) -> str:
-    """The error's message on one line. An error raised in a DataLoader worker arrives with the
-    worker's traceback in its text; the user wants the original message, its last line."""
-    text = str(exc)
-    if "Original Traceback" in text:
-        last = [line for line in text.splitlines() if line.strip()][-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return " ".join(text.split())
 
 
 def is_user_error(exc: BaseException) -> bool:

@@ -27,9 +27,10 @@ from flowgen.attributes import (
     manipulate,
     mean_latent_difference,
 )
+from flowgen.build import RestoredRun, instantiate_data, resolve_device, restore_run
 from flowgen.cli.errors import UserError
-from flowgen.cli.restore import RestoredRun, instantiate_data, resolve_device, restore_run
 from flowgen.config.checks import validated
+from flowgen.data.quantize import pixels_to_levels
 from flowgen.data.splits import WithIndex
 from flowgen.data.transforms import ToUint8Image, resize_then_crop
 from flowgen.likelihood import to_unit_interval
@@ -134,7 +135,8 @@ def _image(image, datamodule, split: str) -> tuple[torch.Tensor, str]:
 
     ``image`` is an index in the split, or an image file: brought to the data's channels and size as
     data=folder brings any image (shorter side resized, centre crop), then its 8-bit pixels p to the K
-    levels as floor(p K / 256), which is p >> (8 - n_bits) for K = 2**n_bits and also serves digits' 17.
+    levels as the data pipeline does (``flowgen.data.quantize.pixels_to_levels``, floor(p K / 256); digits' 17
+    levels too).
     """
     dataset = datamodule.eval_dataset(split)
     if isinstance(image, int) and not isinstance(image, bool):
@@ -150,7 +152,7 @@ def _image(image, datamodule, split: str) -> tuple[torch.Tensor, str]:
             pixels = v2.Compose([ToUint8Image(datamodule.channels), *resize_then_crop(datamodule.image_size)])(opened)
     except (OSError, SyntaxError, ValueError) as exc:  # PIL's decoders raise all three
         raise UserError(f"image={image}: cannot be read as an image ({type(exc).__name__}: {exc})") from None
-    return (pixels.long() * datamodule.num_levels // 256).to(torch.uint8), path.stem
+    return pixels_to_levels(pixels, datamodule.num_levels), path.stem
 
 
 def _cached_direction(cfg: DictConfig, run: RestoredRun, dataset: Dataset, groups: Groups, num_images: int,

@@ -28,20 +28,20 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from flowgen.cli.checkpoints import load_checkpoint, refuse_to_overwrite
+from flowgen.checkpoints.reading import load_checkpoint
+from flowgen.checkpoints.run_dir import CHECKPOINT_DIR, CONFIG_FILE, last_checkpoint, refuse_to_overwrite, run_dir_of
 from flowgen.cli.overrides import CONFIG_DIR
-from flowgen.cli.run_files import CHECKPOINT_DIR, CONFIG_FILE, last_checkpoint, run_dir_of
 from flowgen.cli.sweeps import in_multirun
 from flowgen.errors import UserError
 
 # groups whose files are `# @package _global_`: they may set any key
 GLOBAL_GROUPS = ("experiment", "debug", "tuned", "hparams_search")
 # keys a resume cannot change: they fix the weights' shapes and meaning, or the data the run learns
-FIXED_PREFIXES = ("model.", "dequantization.")
+FIXED_PREFIXES = ("model.", "dequantization.", "preprocessing.")
 CHANGEABLE = ("model.memory",)  # how backprop stores activations: same values and gradients
 FIXED_KEYS = ("data.name", "data.path", "data.image_size", "data.channels", "data.n_bits", "data.num_levels",
               "data.num_classes", "data.hflip", "data.val_size", "data.split_seed", "data.max_items",
-              "optimizer._target_")
+              "optimizer._target_", "optimizer.weight_decay_params")
 RUN_KEYS = ("ckpt_path", "run_name", "overwrite")  # say how to start, not what the run is
 
 

@@ -9,8 +9,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
+from flowgen.build import RestoredRun, instantiate_data, resolve_device, restore_run
 from flowgen.cli.errors import UserError
-from flowgen.cli.restore import RestoredRun, instantiate_data, resolve_device, restore_run
 from flowgen.config.checks import validated
 from flowgen.latents import interpolate, reconstruct
 from flowgen.likelihood import to_unit_interval

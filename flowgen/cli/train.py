@@ -20,17 +20,18 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from flowgen.build import build_module
-from flowgen.cli.checkpoints import check_state_matches, load_checkpoint
+from flowgen.checkpoints.reading import check_state_matches, load_checkpoint
+from flowgen.checkpoints.run_dir import CONFIG_FILE
+from flowgen.checkpoints.writing import AtomicCheckpointIO, remove_partial_files
 from flowgen.cli.errors import UserError, one_line
 from flowgen.cli.loggers import build_loggers
 from flowgen.cli.resume import command_line_overrides, compose_defaults, plan_run
-from flowgen.cli.run_files import CONFIG_FILE, remove_unused_run_dir
+from flowgen.cli.run_files import remove_unused_run_dir
 from flowgen.cli.run_lock import RunLock, describe_owner
 from flowgen.cli.sweeps import in_multirun, sweep_objective
 from flowgen.config.checks import validated
 from flowgen.performance import keep_freed_cpu_memory
 from flowgen.training import FlowModule, NonFiniteStepsError, NonFiniteWeightsError
-from flowgen.training.checkpoint_io import AtomicCheckpointIO, remove_partial_files
 from flowgen.training.final_checkpoint import FinalStepCheckpoint
 from flowgen.training.stop_signals import StopOnSignal
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from flowgen.build import RestoredRun
 from flowgen.cli.errors import UserError
-from flowgen.cli.restore import RestoredRun
 from flowgen.data.splits import WithIndex
 from flowgen.evaluation import SplitScore
 

@@ -1,11 +1,13 @@
-"""Range checks of configuration values: the one place that says which values make sense.
+"""Range checks of configuration values and arguments: the one place that says which values make sense.
 
 The schemas (``flowgen/config/schema.py``) give every user-facing key its type, and OmegaConf
 refuses a wrong type or an unknown choice while Hydra composes. What a type cannot say (a
 learning rate above 0, a decay inside (0, 1), finite temperatures, at least one accumulation
 step) is attached to the schema field as a ``Check`` through ``checked(...)`` and verified by
 ``check_config`` once the configuration is composed. A failed check is one line naming the
-full key, the value and the rule, e.g. ``optimizer.lr=0.0 must be > 0``.
+full key, the value and the rule, e.g. ``optimizer.lr=0.0 must be > 0``. Library code that is called
+without a configuration (the data module, the model builders) checks its arguments with the same rules
+through ``require``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from flowgen.errors import UserError
+from flowgen.errors import InvalidValueError, UserError
 
 CHECKS = "checks"  # the dataclass field metadata key that holds a field's checks
 
@@ -94,6 +96,19 @@ BATCHES_OR_FRACTION = Check(
 SEED = Check(lambda v: _integer(v) and 0 <= v < 2**32, "must be in 0..4294967295 (numpy's seed range)")
 DURATION = Check(lambda v: isinstance(v, str) and re.fullmatch(r"\d+(:\d+){0,3}", v) is not None,
                  "must be a duration DD:HH:MM:SS (e.g. 00:12:00:00 for 12 hours)")
+
+
+def integer(check: Check) -> Check:
+    """``check`` for an int (a bool or a float is refused)."""
+    return Check(lambda v: _integer(v) and check.test(v), f"must be an int and {check.rule.removeprefix('must ')}")
+
+
+def require(name: str, value: Any, *checks: Check) -> None:
+    """An argument checked with the rules of its schema field: ``InvalidValueError`` naming it, the value
+    and the rule, in one line."""
+    for check in checks:
+        if not check.test(value):
+            raise InvalidValueError(f"{name}={_show(value)} {check.rule}")
 
 
 def each(check: Check) -> Check:

@@ -40,12 +40,15 @@ from flowgen.config.checks import (
     each,
     half_open_interval,
     one_of,
+    open_interval,
 )
-from flowgen.data.datamodule import DATASETS
+from flowgen.data.registry import DATASETS
+from flowgen.data.splits import SPLITS
 from flowgen.flows.memory import MEMORY_MODES
 from flowgen.models.glow import PERMUTATIONS
 from flowgen.models.tarflow import INVERSE_METHODS, TARFLOW_MEMORY_MODES
 from flowgen.performance import COMPILE_MODES
+from flowgen.sample_quality import SAMPLE_METRICS
 from flowgen.training.schedules import SCHEDULES
 from flowgen.transforms import AFFINE_SCALES, TRANSFORMS
 
@@ -76,6 +79,7 @@ Dataset = choices("Dataset", DATASETS)
 ClipAlgorithm = choices("ClipAlgorithm", ("norm", "value"))
 MonitorMode = choices("MonitorMode", ("min", "max"))
 LoggingInterval = choices("LoggingInterval", ("step", "epoch"))
+SampleMetric = choices("SampleMetric", SAMPLE_METRICS)
 
 POSITIVE_FINITE = (POSITIVE, FINITE)
 
@@ -196,6 +200,8 @@ class OptimizerConfig:
     betas: list[float] = checked(None, each(half_open_interval(0, 1)), factory=lambda: [0.9, 0.999])
     eps: float = checked(1e-8, *POSITIVE_FINITE)
     weight_decay: float = checked(0.0, NON_NEGATIVE, FINITE)
+    # glob patterns of the parameter names weight_decay applies to (the rest get none); null = every parameter
+    weight_decay_params: list[str] | None = checked(None, NOT_EMPTY)
 
 
 # ---------------------------------------------------------------- trainer
@@ -335,6 +341,22 @@ class DiagnosticsConfig:
 
 
 @dataclass
+class SampleQualityMonitorConfig:
+    _target_: str = "flowgen.training.sample_quality.SampleQualityMonitor"
+    every_n_steps: int = checked(5000, AT_LEAST_ONE)
+    metrics: list[SampleMetric] = checked(None, NOT_EMPTY, factory=lambda: ["fid"])
+    num_samples: int = checked(1000, at_least(2))
+    temperature: float = checked(1.0, FINITE, NON_NEGATIVE)
+    split: str = checked("val", one_of(SPLITS))
+    max_real: int | None = checked(5000, at_least(2))  # null = the whole split
+    batch_size: int = checked(100, AT_LEAST_ONE)
+    seed: int = 0
+    weights: str | None = None  # the Inception weights file; null = the torch hub cache (downloaded once)
+    kid_subsets: int = checked(100, AT_LEAST_ONE)
+    kid_subset_size: int = checked(1000, at_least(2))
+
+
+@dataclass
 class RankSyncCheckConfig:
     _target_: str = "flowgen.training.rank_sync.RankSyncCheck"
     every_n_steps: int = checked(1000, NON_NEGATIVE)
@@ -393,6 +415,14 @@ class EvaluationConfig:
 
 
 @dataclass
+class PreprocessingConfig:
+    """The map between dequantized pixels and the flow (flowgen/likelihood.py): logit_alpha = α of RealNVP's
+    z = logit(α + (1 - 2α)·p), p ∈ [0, 1); null = the flow models the pixels themselves."""
+
+    logit_alpha: float | None = checked(None, open_interval(0, 0.5))
+
+
+@dataclass
 class PerformanceConfig:
     channels_last: bool = True
     compile: CompileMode = CompileMode.none
@@ -412,6 +442,7 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     ema_decay: float | None = checked(None, UNIT_OPEN)
     # config groups: each choice's file brings its own schema (registered below)
     data: Any = MISSING
@@ -446,6 +477,7 @@ ENTRY_SCHEMAS = [
     ("callbacks", "nan_guard", NonFiniteGuardConfig),
     ("callbacks", "invertibility_monitor", InvertibilityMonitorConfig),
     ("callbacks", "diagnostics", DiagnosticsConfig),
+    ("callbacks", "fid", SampleQualityMonitorConfig),
     ("callbacks", "rank_sync_check", RankSyncCheckConfig),
     ("callbacks", "preemption", PreemptionConfig),
     ("callbacks", "lr_monitor", LearningRateMonitorConfig),

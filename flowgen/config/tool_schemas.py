@@ -52,9 +52,10 @@ from flowgen.latents import METHODS
 from flowgen.playground.densities import DENSITIES
 from flowgen.playground.flows2d import COUPLINGS as COUPLINGS_2D
 from flowgen.playground.flows2d import FLOW_KINDS as FLOW_KINDS_2D
+from flowgen.sample_quality import METRICS
 from flowgen.sampling import SAMPLE_MODES
 
-WHICH = ("best", "last")  # a run directory's checkpoint for the tools (flowgen/cli/run_files.py)
+WHICH = ("best", "last")  # a run directory's checkpoint for the tools (flowgen/checkpoints/run_dir.py)
 
 Which = choices("Which", WHICH)
 Split = choices("Split", SPLITS)
@@ -63,6 +64,7 @@ Interpolation = choices("Interpolation", METHODS)
 Density = choices("Density", DENSITIES)
 Coupling2D = choices("Coupling2D", COUPLINGS_2D)
 FlowKind2D = choices("FlowKind2D", FLOW_KINDS_2D)
+EvalMetric = choices("EvalMetric", METRICS)
 
 POSITIVE_FINITE = (POSITIVE, FINITE)
 TEMPERATURES = (NOT_EMPTY, each(FINITE), each(at_least(0)))
@@ -97,7 +99,7 @@ PATH_OR_PATHS = Check(lambda v: _path(v) or (isinstance(v, list | tuple | ListCo
 
 @dataclass
 class RestoredRunToolConfig:
-    """The keys every tool that loads a trained run shares (flowgen/cli/restore.py::restore_run)."""
+    """The keys every tool that loads a trained run shares (flowgen/build.py::restore_run)."""
 
     task_name: str = MISSING
     run_name: str | None = checked(None, PATH_COMPONENT)
@@ -150,8 +152,25 @@ class TypicalityConfig:
 
 
 @dataclass
+class SampleQualityConfig:
+    """``fid.*``: evaluate.py's FID and KID (flowgen/sample_quality.py), used when ``metrics`` names them."""
+
+    num_samples: int = checked(10000, at_least(2))  # generated images (the papers: 50000, against split=train)
+    temperature: float = checked(1.0, FINITE, NON_NEGATIVE)
+    sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions())  # the model's own (denoise ...)
+    max_real: int | None = checked(None, at_least(2))  # a seeded random subset of the split; null = all of it
+    batch_size: int = checked(100, AT_LEAST_ONE)
+    seed: int = 0
+    weights: str | None = None  # the Inception weights file; null = the torch hub cache (downloaded once)
+    kid_subsets: int = checked(100, AT_LEAST_ONE)
+    kid_subset_size: int = checked(1000, at_least(2))
+
+
+@dataclass
 class EvaluateConfig(RestoredRunToolConfig):
     task_name: str = "evaluate"
+    metrics: list[EvalMetric] = checked(None, NOT_EMPTY, factory=lambda: ["bpd"])
+    fid: SampleQualityConfig = field(default_factory=SampleQualityConfig)
     split: Split = Split.test
     num_samples: int | None = checked(None, AT_LEAST_ONE)  # null = the run's evaluation.num_samples
     seed: int | None = None  # null = the run's evaluation.seed

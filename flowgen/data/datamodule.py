@@ -14,23 +14,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from flowgen.data import digits, folder, imagenet_downsampled, torchvision_sets
-from flowgen.data.quantize import levels_for_bits
+from flowgen.config.checks import AT_LEAST_ONE, COUNT_OR_FRACTION, NON_NEGATIVE, integer, one_of, require
+from flowgen.data import folder
+from flowgen.data.registry import dataset
+from flowgen.data.registry import num_levels as registry_num_levels
 from flowgen.data.sampler import EvaluationShardSampler, ResumableShuffleSampler
 from flowgen.data.splits import LevelImages, RawSplits, WithIndex
 from flowgen.data.transforms import pixel_pipeline
-
-DATASETS = (
-    "cifar10",
-    "mnist",
-    "fashion_mnist",
-    "svhn",
-    "celeba",
-    "imagenet32",
-    "imagenet64",
-    "folder",
-    "digits",
-)
+from flowgen.errors import InvalidValueError
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -72,7 +63,8 @@ class ImageDataModule(L.LightningDataModule):
         self.save_hyperparameters(logger=False)
         self.name, self.root, self.path = name, Path(root).expanduser(), path
         self.image_size, self.channels, self.n_bits = image_size, channels, n_bits
-        self._num_levels = 17 if name == "digits" else levels_for_bits(n_bits)
+        self.record = dataset(name)
+        self._num_levels = registry_num_levels(name, n_bits)
         self._num_classes = num_classes
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -103,22 +95,15 @@ class ImageDataModule(L.LightningDataModule):
         """From the config if given, else the dataset's (None: no labels, y = -1)."""
         if self._num_classes is not None:
             return self._num_classes
-        if self.name in torchvision_sets.SETS:
-            return torchvision_sets.SETS[self.name].num_classes
-        if self.name.startswith("imagenet"):
-            return imagenet_downsampled.NUM_CLASSES
-        if self.name == "digits":
-            return 10
+        if not self.record.needs_path:
+            return self.record.num_classes
         self.setup()  # folder: known once the directory has been scanned
         return self._source_classes
 
     # ---- Lightning hooks -------------------------------------------------------------
     def prepare_data(self) -> None:
         """Rank 0 only: download what is missing (if allowed), or fail early and clearly."""
-        if self.name in torchvision_sets.SETS:
-            torchvision_sets.prepare(self.name, self.root, download=self.download)
-        elif self.name.startswith("imagenet"):
-            imagenet_downsampled.check_files(self.root, int(self.name.removeprefix("imagenet")))
+        self.record.prepare(self.root, self.download)
 
     def setup(self, stage: str | None = None) -> None:
         """Build all three splits once (every rank; never downloads)."""
@@ -128,7 +113,9 @@ class ImageDataModule(L.LightningDataModule):
         self._source_classes = raw.num_classes
 
         def wrap(split: Dataset, train: bool) -> LevelImages:
-            transform = pixel_pipeline(raw.geometry, channels=self.channels, n_bits=self.n_bits)
+            stores_levels = self.record.fixed_num_levels is not None
+            transform = pixel_pipeline(raw.geometry, channels=self.channels,
+                                       num_levels=None if stores_levels else self.num_levels)
             return LevelImages(split, transform, self.max_items, hflip=self.hflip and train)
 
         self.train_set = wrap(raw.train, train=True)
@@ -137,17 +124,8 @@ class ImageDataModule(L.LightningDataModule):
         self.test_set = wrap(raw.test, train=False)
 
     def _load_raw(self) -> RawSplits:
-        common = dict(
-            image_size=self.image_size, val_size=self.val_size, split_seed=self.split_seed
-        )
-        if self.name in torchvision_sets.SETS:
-            return torchvision_sets.load(self.name, self.root, **common)
-        if self.name.startswith("imagenet"):
-            size = int(self.name.removeprefix("imagenet"))
-            return imagenet_downsampled.load(self.root, size=size, **common)
-        if self.name == "folder":
-            return folder.load(self.path, **common)
-        return digits.load(**common)
+        return self.record.load(self.root, self.path, image_size=self.image_size, val_size=self.val_size,
+                                split_seed=self.split_seed)
 
     # ---- loaders ---------------------------------------------------------------------
     def _eval_loader(self, dataset: Dataset | None) -> DataLoader:
@@ -229,7 +207,7 @@ class ImageDataModule(L.LightningDataModule):
         """The images of ``split`` (train, val or test), never augmented."""
         sets = {"train": self.train_set_unaugmented, "val": self.val_set, "test": self.test_set}
         if split not in sets:
-            raise ValueError(f"split={split!r} is not a split; choose train, val or test")
+            raise InvalidValueError(f"split={split!r} is not a split; choose train, val or test")
         if sets[split] is None:
             raise RuntimeError("call setup() before asking ImageDataModule for a split")
         return sets[split]
@@ -262,45 +240,19 @@ def _validate(
     path: str | Path | None,
     max_items: int | None,
 ) -> None:
-    """Constructor arguments a user can get wrong, each refused in one line with the fix."""
-
-    def is_int(v: object) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if name not in DATASETS:
-        raise ValueError(
-            f"data.name={name!r} is not a dataset; choose one of {', '.join(DATASETS)}"
-        )
-    if not is_int(image_size) or image_size < 1:
-        raise ValueError(f"data.image_size={image_size!r} must be a positive int")
-    if channels not in (1, 3) or not is_int(channels):
-        raise ValueError(f"data.channels={channels!r} must be 1 (grayscale) or 3 (RGB)")
-    if name == "digits":
-        if n_bits is not None:
-            raise ValueError(
-                f"data.n_bits={n_bits!r}: digits has its own 17 levels 0..16; set data.n_bits=null"
-            )
-        if num_levels not in (None, 17):
-            raise ValueError(
-                f"data.num_levels={num_levels!r}: digits has 17 levels; set null or 17"
-            )
-    else:
-        if not is_int(n_bits) or not 1 <= n_bits <= 8:
-            raise ValueError(f"data.n_bits={n_bits!r} must be an int in 1..8 (8 = full 256 levels)")
-        if num_levels is not None and num_levels != 2**n_bits:
-            raise ValueError(
-                f"data.num_levels={num_levels!r} contradicts n_bits={n_bits} "
-                f"(2**n_bits = {2**n_bits}); set data.num_levels=null"
-            )
-    for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-        if value is not None and (not is_int(value) or value < 1):
-            raise ValueError(f"data.{key}={value!r} must be an int >= 1")
-    if not is_int(num_workers) or num_workers < 0:
-        raise ValueError(f"data.num_workers={num_workers!r} must be an int >= 0")
-    fraction = isinstance(val_size, float) and 0 <= val_size < 1
-    if not (fraction or (is_int(val_size) and val_size >= 0)):
-        raise ValueError(f"data.val_size={val_size!r} must be a count >= 0 or a fraction in [0, 1)")
-    if name == "folder" and path in (None, ""):
-        raise ValueError("data=folder needs data.path=<a directory of images>")
-    if max_items is not None and (not is_int(max_items) or max_items < 1):
-        raise ValueError(f"data.max_items={max_items!r} must be null or an int >= 1")
+    """Constructor arguments a user can get wrong, each refused in one line with the fix (the rules of the
+    typed schema, ``flowgen.config.schema.DataConfig``, for callers that build the module without a config)."""
+    record = dataset(name)
+    require("data.image_size", image_size, integer(AT_LEAST_ONE))
+    require("data.channels", channels, integer(one_of((1, 3))))
+    levels = registry_num_levels(name, n_bits)
+    if num_levels is not None and num_levels != levels:
+        raise InvalidValueError(f"data.num_levels={num_levels!r} contradicts the {levels} levels of {name} at "
+                                f"n_bits={n_bits}; set data.num_levels=null")
+    for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("max_items", max_items)):
+        if value is not None:
+            require(f"data.{key}", value, integer(AT_LEAST_ONE))
+    require("data.num_workers", num_workers, integer(NON_NEGATIVE))
+    require("data.val_size", val_size, COUNT_OR_FRACTION)
+    if record.needs_path and path in (None, ""):
+        raise InvalidValueError(f"data={name} needs data.path=<a directory of images>")

@@ -19,8 +19,9 @@ from torch.utils.data import Dataset
 from flowgen.data.splits import IndexedView, RawSplits, held_out_count, holdout
 from flowgen.data.transforms import resize_square
 
-NUM_LEVELS = 17
+NUM_LEVELS = 17  # K: each pixel counts the set bits of a 4x4 block, 0..16
 NATIVE_SIZE = 8
+NUM_CLASSES = 10
 
 
 class Digits(Dataset):
@@ -48,5 +49,5 @@ def load(*, image_size: int, val_size: int | float, split_seed: int) -> RawSplit
         val=val,
         test=val,
         geometry=resize_square(NATIVE_SIZE, image_size),
-        num_classes=10,
+        num_classes=NUM_CLASSES,
     )

@@ -8,19 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flowgen.errors import UserError, one_line
 
-class DatasetNotFoundError(FileNotFoundError):
+
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """The dataset's files are not where they should be (and could not be downloaded)."""
 
 
-class DatasetCorruptError(ValueError):
+class DatasetCorruptError(UserError, ValueError):
     """A dataset file exists but cannot be read: truncated, corrupt, or of the wrong format."""
-
-
-def one_line(exc: BaseException, limit: int = 200) -> str:
-    """``exc`` as one short line (torchvision's download errors span several lines)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def not_found(
@@ -49,6 +45,6 @@ def not_found(
 def corrupt(name: str, file: Path | str, exc: BaseException) -> DatasetCorruptError:
     """The one-line error for a file that is present but unreadable."""
     return DatasetCorruptError(
-        f"{name}: cannot read {file} ({type(exc).__name__}: {one_line(exc)}); "
+        f"{name}: cannot read {file} ({type(exc).__name__}: {one_line(exc, 200)}); "
         "the file is corrupt or of the wrong format: delete it and download or copy it again"
     )

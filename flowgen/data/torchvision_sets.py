@@ -27,10 +27,11 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from flowgen.data.errors import DatasetCorruptError, corrupt, not_found, one_line
+from flowgen.data.errors import DatasetCorruptError, corrupt, not_found
 from flowgen.data.folder import read_image
 from flowgen.data.splits import IndexedView, RawSplits, held_out_count, holdout
 from flowgen.data.transforms import crop_then_resize, pad_or_resize, resize_square
+from flowgen.errors import one_line
 
 
 def _present(folder: str | Path, files: list[str]) -> bool:
@@ -178,6 +179,8 @@ class TorchvisionSet:
     open: Callable[[Path, str], Dataset]  # (root, "train" | "val" | "test") -> raw split
     download: Callable[[Path], object]  # torchvision's own class with download=True
     geometry: Callable[[int], list]  # image_size -> transforms from the native size
+    channels: int  # of the stored images
+    stored_size: tuple[int, int]  # (height, width) of the stored images
     num_classes: int | None
     official_val: bool = False  # False: val is held out of train
 
@@ -189,6 +192,8 @@ SETS: dict[str, TorchvisionSet] = {
         open=lambda root, split: CIFAR10Files(root, train=split == "train"),
         download=lambda root: datasets.CIFAR10(root, download=True),
         geometry=lambda size: resize_square(32, size),
+        channels=3,
+        stored_size=(32, 32),
         num_classes=10,
     ),
     "mnist": TorchvisionSet(
@@ -197,6 +202,8 @@ SETS: dict[str, TorchvisionSet] = {
         open=lambda root, split: MNISTFiles(root, train=split == "train"),
         download=lambda root: datasets.MNIST(root, download=True),
         geometry=lambda size: pad_or_resize(28, size),
+        channels=1,
+        stored_size=(28, 28),
         num_classes=10,
     ),
     "fashion_mnist": TorchvisionSet(
@@ -205,6 +212,8 @@ SETS: dict[str, TorchvisionSet] = {
         open=lambda root, split: FashionMNISTFiles(root, train=split == "train"),
         download=lambda root: datasets.FashionMNIST(root, download=True),
         geometry=lambda size: pad_or_resize(28, size),
+        channels=1,
+        stored_size=(28, 28),
         num_classes=10,
     ),
     # torchvision's SVHN keeps its .mat files directly in its root: give it root/svhn.
@@ -216,6 +225,8 @@ SETS: dict[str, TorchvisionSet] = {
             datasets.SVHN(root / "svhn", split=s, download=True) for s in ("train", "test")
         ],
         geometry=lambda size: resize_square(32, size),
+        channels=3,
+        stored_size=(32, 32),
         num_classes=10,
     ),
     # 178x218 aligned faces; the 148x148 centre crop is the RealNVP paper's (Dinh et al. 2017).
@@ -225,6 +236,8 @@ SETS: dict[str, TorchvisionSet] = {
         open=lambda root, split: CelebAFiles(root, split="valid" if split == "val" else split),
         download=lambda root: datasets.CelebA(root, split="all", target_type=[], download=True),
         geometry=lambda size: crop_then_resize(148, size),
+        channels=3,
+        stored_size=(218, 178),
         num_classes=None,
         official_val=True,
     ),
@@ -257,7 +270,7 @@ def prepare(name: str, root: str | Path, *, download: bool) -> None:
     except Exception as exc:  # offline: URLError; Google Drive: gdown missing or quota; ...
         # Whatever went wrong, missing files are the user's problem to solve; files that
         # did arrive but do not parse are named by setup(), which reads them next.
-        check_files(name, root, reason=one_line(exc))
+        check_files(name, root, reason=one_line(exc, 200))
 
 
 def load(

@@ -66,8 +66,9 @@ def resize_then_crop(size: int) -> list:
     return [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
 
 
-def pixel_pipeline(geometry: Sequence, *, channels: int, n_bits: int | None) -> v2.Compose:
+def pixel_pipeline(geometry: Sequence, *, channels: int, num_levels: int | None) -> v2.Compose:
     """The deterministic image transform of every split. The random horizontal flip of the train
     split is not here: the training sampler decides it per epoch and image (``data/sampler.py``),
-    so that an interrupted epoch resumes with the very same flips."""
-    return v2.Compose([ToUint8Image(channels), *geometry, Quantize(n_bits)])
+    so that an interrupted epoch resumes with the very same flips. ``num_levels=None``: the source stores
+    levels already (``Quantize``)."""
+    return v2.Compose([ToUint8Image(channels), *geometry, Quantize(num_levels)])

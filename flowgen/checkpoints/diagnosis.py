@@ -1,6 +1,6 @@
 """What a checkpoint file that flowgen cannot use actually is, told from its bytes.
 
-This module owns the diagnosis behind ``flowgen.cli.checkpoints.load_checkpoint``'s errors. It runs
+This module owns the diagnosis behind ``flowgen.checkpoints.reading.load_checkpoint``'s errors. It runs
 only after ``torch.load(weights_only=True)`` has failed, or has returned something that is not a
 Lightning checkpoint, so a good checkpoint costs nothing extra. It names the real cause in one
 sentence: a directory, an unreadable or empty file, a zip archive or a pickle cut short, text,
@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+
+from flowgen.errors import one_line
 
 ZIP_MAGIC = b"PK\x03\x04"  # a local file header: torch.save's default format is a zip archive
 EMPTY_ZIP_MAGIC = b"PK\x05\x06"  # an archive with no members (only its end record)
@@ -63,11 +65,11 @@ def why_unreadable(path: Path, error: BaseException) -> str:
     except PermissionError:
         return f"{where} cannot be read: permission denied; make it readable (chmod u+r) or use a copy"
     except OSError as exc:
-        return f"{where} cannot be read: {exc.strerror or _one_line(exc)}"
+        return f"{where} cannot be read: {exc.strerror or one_line(exc, 200)}"
     if cause is not None:
         return f"{where} {cause}"
     return (f"{where} cannot be read by torch {torch.__version__} although it looks like a torch checkpoint "
-            f"({type(error).__name__}: {_one_line(error)}); {USE_ANOTHER}")
+            f"({type(error).__name__}: {one_line(error, 200)}); {USE_ANOTHER}")
 
 
 def why_not_a_checkpoint(loaded: Any) -> str | None:
@@ -147,7 +149,7 @@ def _zip_cause(f: BinaryIO, head: bytes, size: int) -> str | None:
     try:
         archive = zipfile.ZipFile(f)
     except (zipfile.BadZipFile, ValueError, EOFError) as exc:
-        return f"cannot be read: it is a damaged zip archive ({_one_line(exc)}); {COPY_AGAIN}"
+        return f"cannot be read: it is a damaged zip archive ({one_line(exc, 200)}); {COPY_AGAIN}"
     with archive:
         names = archive.namelist()
         pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
@@ -158,7 +160,7 @@ def _zip_cause(f: BinaryIO, head: bytes, size: int) -> str | None:
         try:
             data_pkl = archive.read(pickles[0])
         except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-            return f"cannot be read: it is a damaged torch checkpoint ({_one_line(exc)}); {COPY_AGAIN}"
+            return f"cannot be read: it is a damaged torch checkpoint ({one_line(exc, 200)}); {COPY_AGAIN}"
         scan = _scan_pickle(_Reader.of_bytes(data_pkl), len(data_pkl))
         if not scan.complete:
             return (f"cannot be read: it is a damaged torch checkpoint (its {pickles[0]} is not a whole pickle); "
@@ -168,7 +170,7 @@ def _zip_cause(f: BinaryIO, head: bytes, size: int) -> str | None:
         try:
             damaged = archive.testzip()
         except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-            damaged = f"? ({_one_line(exc)})"
+            damaged = f"? ({one_line(exc, 200)})"
         if damaged is not None:
             return (f"cannot be read: it is a damaged torch checkpoint (the archive is whole but {damaged} fails "
                     f"its checksum); {COPY_AGAIN}")
@@ -390,7 +392,3 @@ def _count(n: int, noun: str) -> str:
 def _names(items: list[Any], most: int = 3, quote: bool = True) -> str:
     shown = [(repr(str(i)[:60]) if quote else str(i)[:60]) for i in dict.fromkeys(items)]
     return ", ".join(shown[:most]) + (", ..." if len(shown) > most else "")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200]

@@ -1,5 +1,5 @@
-"""Reading a checkpoint safely (or saying exactly why it cannot be read), checking it fits the model,
-and protecting the checkpoints of existing runs. Where a run keeps them: flowgen/cli/run_files.py."""
+"""Reading a checkpoint safely (or saying exactly why it cannot be read) and checking it fits the model.
+Where a run keeps its checkpoints: flowgen/checkpoints/run_dir.py."""
 
 from __future__ import annotations
 
@@ -9,27 +9,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flowgen.cli import checkpoint_files
-from flowgen.cli.errors import UserError
-
-CHECKPOINT_DIR = "checkpoints"
-LAST = "last.ckpt"
-CONFIG_FILE = "config.yaml"  # the run's resolved config, next to its checkpoints
-
-
-def refuse_to_overwrite(run_dir: Path) -> None:
-    """A new run never writes into a run directory that already holds checkpoints."""
-    existing = sorted((run_dir / CHECKPOINT_DIR).glob("*.ckpt")) if (run_dir / CHECKPOINT_DIR).is_dir() else []
-    if existing:
-        raise UserError(
-            f"run directory {run_dir} already holds checkpoints ({existing[0].name}, ...): resume it with "
-            "ckpt_path=last, choose another run_name, or pass overwrite=true to start over there"
-        )
+from flowgen.checkpoints import diagnosis
+from flowgen.errors import UserError
 
 
 def load_checkpoint(ckpt: Path, mmap: bool = False) -> dict:
     """The checkpoint's dictionary, unpickled safely (tensors and plain data only), or one clear error
-    naming what the file actually is (told by ``flowgen.cli.checkpoint_files`` once loading has failed).
+    naming what the file actually is (told by ``flowgen.checkpoints.diagnosis`` once loading has failed).
 
     ``mmap=True`` maps the tensors instead of reading them: a cheap check of a checkpoint before
     Lightning loads it for real (a truncated file fails here, in its zip directory).
@@ -43,12 +29,12 @@ def load_checkpoint(ckpt: Path, mmap: bool = False) -> dict:
         try:
             checkpoint = load(mmap)
         except RuntimeError:
-            if not mmap or checkpoint_files.is_zip(ckpt):
+            if not mmap or diagnosis.is_zip(ckpt):
                 raise
             checkpoint = load(False)  # torch maps only its zip format; a file in the older format is read
     except Exception as exc:  # noqa: BLE001 - torch.load raises many kinds on a bad file; the bytes tell which
-        raise UserError(checkpoint_files.why_unreadable(ckpt, exc)) from None
-    problem = checkpoint_files.why_not_a_checkpoint(checkpoint)
+        raise UserError(diagnosis.why_unreadable(ckpt, exc)) from None
+    problem = diagnosis.why_not_a_checkpoint(checkpoint)
     if problem is not None:
         raise UserError(f"checkpoint {ckpt} {problem}")
     return checkpoint
@@ -75,7 +61,3 @@ def check_state_matches(state: dict, module: nn.Module, ckpt: Path) -> None:
         parts.append(f"{len(unexpected)} unexpected ({first(unexpected)})")
     raise UserError(f"checkpoint {ckpt} was written by another architecture than this config builds: "
                     f"{'; '.join(parts)}; use the run's own model settings (its config.yaml) or start a new run")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200]

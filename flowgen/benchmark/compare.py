@@ -1,4 +1,5 @@
-"""``scripts/benchmark.py``: time the configured model and its comparisons side by side, write JSON + a table.
+"""Time the configured model and its comparisons side by side: the records and the table of ``scripts/benchmark.py``
+(its command: flowgen/cli/benchmark.py).
 
 Per workload (the configured flowgen model first, then each ``benchmark.compare`` entry):
 
@@ -24,9 +25,7 @@ Per workload (the configured flowgen model first, then each ``benchmark.compare`
 
 from __future__ import annotations
 
-import json
 from functools import partial
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -41,9 +40,7 @@ from flowgen.benchmark.measure import (
     median,
     saved_activation_bytes,
 )
-from flowgen.benchmark.workloads import Workload, build_workloads
-from flowgen.cli.restore import resolve_device
-from flowgen.config.checks import validated
+from flowgen.benchmark.workloads import Workload
 from flowgen.errors import UserError
 from flowgen.evaluation import PRECISIONS
 from flowgen.performance import keep_freed_cpu_memory
@@ -158,28 +155,3 @@ def markdown_table(records: list[dict]) -> str:
             f"| {r['achieved_flops_per_s'] / 1e9:.1f} | {fraction} | {ceiling} "
             f"| {r['peak_step_memory_bytes'] / 2**20:.0f} | {r['saved_activation_bytes'] / 2**20:.0f} |")
     return "\n".join(rows)
-
-
-def run_benchmark(cfg: DictConfig) -> list[dict]:
-    """Build, measure, print the table and write ``benchmark.output`` (JSON)."""
-    cfg = validated(cfg)  # types and ranges: flowgen/config/tool_schemas.py BenchmarkConfig
-    if Path(cfg.benchmark.output).expanduser().is_dir():
-        raise UserError(f"benchmark.output={cfg.benchmark.output} is a directory; give the path of the JSON file")
-    device = resolve_device(cfg.benchmark.device)
-    torch.set_float32_matmul_precision("high")  # as train.py: TF32 matmuls on GPUs that have them
-    workloads = build_workloads(cfg, device)
-    records = measure_workloads(workloads, device, cfg)
-    result = {
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "timed_steps": int(cfg.benchmark.timed_steps),
-        "warmup_steps": int(cfg.benchmark.warmup_steps),
-        "workloads": records,
-    }
-    table = markdown_table(records)
-    print(f"device: {result['device']}, torch {result['torch']}\n{table}", flush=True)
-    out = Path(cfg.benchmark.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}", flush=True)
-    return records

@@ -1,6 +1,13 @@
-"""Downsampled ImageNet 32x32 / 64x64 (Chrabaszcz et al. 2017; van den Oord et al. 2016).
+"""Downsampled ImageNet 32x32 / 64x64 of Chrabaszcz, Loshchilov and Hutter (2017), "A Downsampled Variant of
+ImageNet as an Alternative to the CIFAR datasets" (``data=imagenet32_chrabaszcz`` / ``imagenet64_chrabaszcz``).
 
-Files: the official npz release, unzipped into ``root/imagenet32`` (or ``root/imagenet64``):
+This release is box-resized from the full images and carries the 1000 class labels; it is NOT the set the
+flow papers' likelihood tables use (van den Oord et al. 2016, ``data=imagenet32``,
+``flowgen/data/imagenet_oord.py``): bpd on the two differ, so numbers on this one are comparable only with
+results that name it (class-conditional models, for instance).
+
+Files: the official npz release, unzipped into ``root/imagenet32`` (or ``root/imagenet64``), next to van den
+Oord's ``train_SxS/`` and ``valid_SxS/`` directories if those are there too:
 ``train_data_batch_1.npz`` ... ``train_data_batch_10.npz`` and ``val_data.npz``. Each holds
 ``data``: (N, 3*S*S) uint8, channel-major (all R, then G, then B, each row-major), and
 ``labels``: 1-based class ids. The official val set is our TEST split (that is what papers
@@ -118,12 +125,12 @@ def check_files(root: str | Path, size: int) -> None:
     missing = [f for f in TRAIN_FILES + TEST_FILES if not (folder / f).is_file()]
     if missing:
         raise not_found(
-            f"imagenet{size}",
+            f"imagenet{size}_chrabaszcz",
             folder.parent,
             folder.name,
             f"{TRAIN_FILES[0]} ... {TRAIN_FILES[-1]} and {TEST_FILES[0]}, unzipped from "
             f"Imagenet{size}_train_npz.zip and Imagenet{size}_val_npz.zip of "
-            "image-net.org/download-images (login needed)"
+            "image-net.org/download-images (login needed; Chrabaszcz et al. 2017)"
             + (f"; missing {', '.join(missing)}" if len(missing) < 11 else ""),
             can_download=False,
         )
@@ -135,7 +142,7 @@ def load(
     """Train (minus the held-out val) and test (the official val set) of ImageNet SxS."""
     check_files(root, size)
     folder = directory(root, size)
-    name = f"imagenet{size}"
+    name = f"imagenet{size}_chrabaszcz"
     train = DownsampledImageNet([folder / f for f in TRAIN_FILES], size, name)
     keep, held = holdout(len(train), [held_out_count(val_size, len(train))], split_seed)
     return RawSplits(
