@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 from torchvision.utils import make_grid
 
+from flowgen.errors import InvalidValueError
 from flowgen.likelihood import to_unit_interval
 
 # what sample.py makes: grids of samples here; interpolations and reconstructions (flowgen/latents.py)
@@ -16,9 +15,9 @@ SAMPLE_MODES = ("sample", "interpolate", "reconstruct")
 
 def sampling_options(model: nn.Module) -> list[str]:
     """The keyword-only options of the model's ``sample`` beyond the contract's (TarFlow: guidance,
-    inverse_method, denoise, ...); [] for a family that has none (Glow, RealNVP)."""
-    parameters = inspect.signature(model.sample).parameters.values()
-    return [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    inverse_method, denoise, ...); [] for a family that has none (Glow, RealNVP).
+    ``FlowModel.sampling_options``; for a wrapper (``LogitPreprocessed``) those of the flow it wraps."""
+    return model.sampling_options()
 
 
 def check_sampling_options(model: nn.Module, options: dict) -> None:
@@ -27,7 +26,8 @@ def check_sampling_options(model: nn.Module, options: dict) -> None:
     unknown = [key for key in options if key not in known]
     if unknown:
         offer = f"its options are {', '.join(known)}" if known else "it takes none"
-        raise ValueError(f"sampling.{unknown[0]}: {type(model).__name__}.sample has no option {unknown[0]!r}; {offer}")
+        raise InvalidValueError(
+            f"sampling.{unknown[0]}: {type(model).__name__}.sample has no option {unknown[0]!r}; {offer}")
 
 
 @torch.no_grad()

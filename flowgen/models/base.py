@@ -15,11 +15,23 @@ Every family (multi-scale coupling flows, masked autoregressive flows, TarFlow, 
     log_prob(x, y=None)      -> (B,)          log p(x | y) in nats
     sample(n, temperature=1.0, y=None, generator=None) -> x
     log_prob_parts(x, y=None) -> LogProbParts the named additive terms of log p(x | y)
+    sampling_options()       -> list[str]     the keyword-only options ``sample`` takes (default: read
+                                              from its signature; a wrapper passes its flow's on)
 
 Labels y are optional everywhere: a family whose bijection reads them (TarFlow's class embedding)
 uses its unconditional ("null class") map without them; one whose prior alone reads them
 (Glow's class-conditional top prior) ignores them in ``forward``/``inverse``.  Encoding and
 decoding with the same y (or none) are exact inverses either way.
+
+Two more methods let a family whose likelihood is estimated, or which trains by another loss, say so
+(the defaults suit every family whose log p is exact and trained by maximum likelihood):
+
+    log_prob_estimate(x, y=None, generator=None) -> LogProbEstimate   log p(x | y), its standard error
+                                      (0 when exact; a CNF's Hutchinson trace estimate has one) and the
+                                      solver's counters (a CNF's number of function evaluations, "nfe")
+    training_loss(y, labels) -> TrainingLoss   what training minimises: log p(y | labels) (the training
+                                      module turns it into the bpd bound), or a loss that is no likelihood
+                                      (flow matching's regression), plus penalties and counters to log
 
 ``log_prob_parts`` splits log p(x) into named terms (each scale's or block's log-det, each prior
 term) that add up to ``log_prob`` exactly, plus the elementwise log-derivatives of the layers
@@ -37,10 +49,13 @@ directions) goes through ``latent_list`` / ``like_latents``.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from flowgen.errors import InvalidValueError
 
 Latents = torch.Tensor | list[torch.Tensor]
 
@@ -63,6 +78,37 @@ class LogProbParts:
         return torch.stack(list(self.terms.values())).sum(0)
 
 
+@dataclass
+class LogProbEstimate:
+    """log p(x | y) (B,) in nats, its standard error (B,) (zeros when exact), and counters of the
+    computation ({"nfe": function evaluations} for an ODE solve; {} for a closed-form family)."""
+
+    log_prob: torch.Tensor
+    std_error: torch.Tensor
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainingLoss:
+    """What training minimises on a batch of dequantized inputs y, per image (B,).
+
+    log_prob: log p(y | labels) in nats: the training module minimises the bpd bound built from it; or None
+        when the family trains by ``loss``, which is no likelihood (logged as ``train/<name>``).
+    penalty: added to the minimised objective (per image), e.g. regularisers of a CNF's dynamics; None: none.
+    metrics: scalars logged as ``train/<key>`` (a CNF's "nfe", its regularisers ...).
+    """
+
+    log_prob: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    name: str = "loss"
+    penalty: torch.Tensor | None = None
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if (self.log_prob is None) == (self.loss is None):
+            raise InvalidValueError("a TrainingLoss holds either log_prob (a likelihood) or loss, not both or neither")
+
+
 def latent_list(latents: Latents) -> list[torch.Tensor]:
     """The latents as a list of tensors (one tensor becomes a list of one)."""
     return [latents] if isinstance(latents, torch.Tensor) else list(latents)
@@ -81,13 +127,13 @@ def labels_for(y, n: int, device: torch.device) -> torch.Tensor | None:
     if y.numel() == 1 and n > 1:
         y = y.expand(n)
     if y.numel() != n:
-        raise ValueError(f"got {y.numel()} labels for {n} samples")
+        raise InvalidValueError(f"got {y.numel()} labels for {n} samples")
     return y
 
 
 def check_temperature(temperature: float) -> None:
     if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise InvalidValueError(f"temperature must be >= 0, got {temperature}")
 
 
 class FlowModel(nn.Module):
@@ -117,8 +163,24 @@ class FlowModel(nn.Module):
         """log p(x | y) in nats, shape (B,); families override it with a pass that keeps no parts."""
         return self.log_prob_parts(x, y).total()
 
+    def log_prob_estimate(self, x: torch.Tensor, y=None, generator=None) -> LogProbEstimate:
+        """log p(x | y) with its standard error and counters; exact families: ``log_prob`` with zero error.
+        ``generator`` (one, or one per image) feeds a family's random estimator, so a score is reproducible."""
+        log_p = self.log_prob(x, y)
+        return LogProbEstimate(log_p, torch.zeros_like(log_p))
+
+    def training_loss(self, y: torch.Tensor, labels=None) -> TrainingLoss:
+        """What training minimises (``TrainingLoss``); by default maximum likelihood: log p(y | labels)."""
+        return TrainingLoss(log_prob=self.log_prob(y, labels))
+
     def sample(self, n: int, temperature: float = 1.0, y=None, generator=None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def sampling_options(self) -> list[str]:
+        """The keyword-only options of ``sample`` beyond the contract's (TarFlow: guidance, inverse_method,
+        denoise, ...); [] for a family that has none (Glow, RealNVP)."""
+        parameters = inspect.signature(self.sample).parameters.values()
+        return [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
     def compile_units(self) -> list[nn.Module]:
         """Sub-modules whose ``forward`` ``performance.compile=step`` compiles one by one; [] when the

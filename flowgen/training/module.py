@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from fnmatch import fnmatchcase
 from typing import Any
 
 import lightning as L
@@ -30,7 +31,9 @@ class FlowModule(L.LightningModule):
     """Trains a flow by maximum likelihood of dequantized integer images.
 
     Per image the loss is the negative dequantized log-likelihood bound in bits per dimension
-    (see ``flowgen.likelihood``):  bpd = -(log p(y) - log q(u|x) - D log K) / (D ln 2).
+    (see ``flowgen.likelihood``):  bpd = -(log p(y) - log q(u|x) - D log K) / (D ln 2), with log p(y)
+    from the model's ``training_loss`` (``flowgen.models.base``), which may instead give a loss that is
+    no likelihood (a CNF's flow matching, logged as ``train/<its name>``), penalties and counters to log.
     Validation and test report exact averages over images (``MeanMetric`` weights each image
     once, and sums across ranks), never averages of batch means.  They score with
     ``flowgen.evaluation.likelihood_bounds`` (the code ``evaluate.py`` runs) on noise seeded per
@@ -42,6 +45,8 @@ class FlowModule(L.LightningModule):
         dequantizer: returns ``(y, log_q)`` for integer pixels (``flowgen.dequantization``).
         num_levels: K, the number of pixel levels.
         optimizer: a partial that takes the parameters (from Hydra's ``_partial_: true``).
+        weight_decay_params: glob patterns (``fnmatch``) of the parameter names the optimizer's weight
+            decay applies to, e.g. ``["*.transform.alpha"]``; the other parameters get none.  None: all.
         warmup_steps / schedule / min_lr_ratio: the learning-rate schedule (``training.schedules``).
         ema_decay: keep an EMA of the flow's weights, used for validation, test and sampling.
         class_conditional: feed the dataset labels to the model's class-conditional prior.
@@ -65,6 +70,7 @@ class FlowModule(L.LightningModule):
         eval_samples: int = 1,
         eval_seed: int = 0,
         run_config: dict[str, Any] | None = None,
+        weight_decay_params: Sequence[str] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "dequantizer", "optimizer"])
@@ -103,13 +109,31 @@ class FlowModule(L.LightningModule):
         return batch
 
     def training_step(self, batch, batch_idx):
-        nll = self.nll_nats(batch)
-        bpd = nats_to_bpd(nll, self.num_dims).mean()
-        batch_size = batch[0].shape[0]
-        self.log("train/bpd", bpd, prog_bar=True, batch_size=batch_size)
-        self.log("train/nll_nats", nll.mean(), batch_size=batch_size)
-        self.last_loss = bpd.detach()  # read by the NaN guard before the optimizer step
-        return bpd
+        # the model says what it minimises (FlowModel.training_loss): a likelihood, turned into the bpd bound
+        # here, or a loss that is no likelihood (a CNF's flow matching), logged under its own name
+        x, labels = batch
+        batch_size = x.shape[0]
+        y, log_q = self.dequantizer(x)
+        objective = self.model.training_loss(y, labels if self.class_conditional else None)
+        if objective.log_prob is not None:
+            nll = -log_likelihood_bound(objective.log_prob, self.num_dims, self.num_levels, log_q)
+            loss = nats_to_bpd(nll, self.num_dims)
+            self.log("train/bpd", loss.mean(), prog_bar=True, batch_size=batch_size)
+            self.log("train/nll_nats", nll.mean(), batch_size=batch_size)
+        else:
+            if any(p.requires_grad for p in self.dequantizer.parameters()):
+                raise UserError(f"{type(self.model).__name__} trains by {objective.name}, which is no likelihood: "
+                                "a variational dequantizer would learn nothing; use dequantization=uniform")
+            loss = objective.loss
+            self.log(f"train/{objective.name}", loss.mean(), prog_bar=True, batch_size=batch_size)
+        if objective.penalty is not None:
+            loss = loss + objective.penalty
+            self.log("train/penalty", objective.penalty.mean(), batch_size=batch_size)
+        for name, value in objective.metrics.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
+        loss = loss.mean()
+        self.last_loss = loss.detach()  # read by the NaN guard before the optimizer step
+        return loss
 
     def on_before_optimizer_step(self, optimizer):
         norm = gradient_norm(self.parameters())
@@ -173,12 +197,28 @@ class FlowModule(L.LightningModule):
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
-        params = [p for m in (self.model, self.dequantizer) for p in m.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        optimizer = self.optimizer_factory(self.parameter_groups())
         total = self.trainer.estimated_stepping_batches if self.hparams.schedule == "cosine" else None
         factor = warmup_then(self.hparams.schedule, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The trained parameters as optimizer groups: one group, or with ``weight_decay_params`` the matching
+        parameters (names as in ``named_parameters()``: ``model.…``, ``dequantizer.…``) in the first group and
+        the rest in a second one with ``weight_decay=0``.  A pattern that matches nothing is a one-line error."""
+        named = [(n, p) for m in ("model", "dequantizer") for n, p in getattr(self, m).named_parameters(prefix=m)
+                 if p.requires_grad]
+        patterns = self.hparams.get("weight_decay_params")
+        if patterns is None:
+            return [{"params": [p for _, p in named]}]
+        unused = [pattern for pattern in patterns if not any(fnmatchcase(n, pattern) for n, _ in named)]
+        if unused:
+            raise UserError(f"optimizer.weight_decay_params: {unused[0]!r} matches no trained parameter; names look "
+                            f"like {named[0][0]!r} (glob patterns, e.g. '*.transform.alpha')")
+        decayed = [p for n, p in named if any(fnmatchcase(n, pattern) for pattern in patterns)]
+        kept = [p for n, p in named if not any(fnmatchcase(n, pattern) for pattern in patterns)]
+        return [group for group in ({"params": decayed}, {"params": kept, "weight_decay": 0.0}) if group["params"]]
 
     # -- sampling ----------------------------------------------------------------------------------
     def sample_pixels(self, n: int, temperature: float, labels=None, generator=None) -> torch.Tensor:
