@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from flowgen.dequantization.base import Generators
+from flowgen.errors import InvalidValueError
 from flowgen.likelihood import bits_per_dim, importance_weighted_bound, log_likelihood_bound
 
 
@@ -59,13 +60,41 @@ def likelihood_bounds(
     ``labels`` go to the model's class-conditional prior (None for an unconditional model);
     ``generator``: one for the batch, or one per image (``image_generators``).
     """
+    bounds = likelihood_estimates(model, dequantizer, x, labels, num_samples, generator)
+    return bounds.elbo, bounds.iw, bounds.y
+
+
+@dataclass
+class BoundEstimates:
+    """``likelihood_estimates``' results for a batch: the two bounds (B,) in nats, the first draw's y, the ELBO's
+    standard error (B,) in nats from the model's estimator of log p (zeros for an exact log p; a CNF's
+    Hutchinson trace), and the model's counters averaged over its S calls ({"nfe": ...} for a CNF)."""
+
+    elbo: torch.Tensor
+    iw: torch.Tensor
+    y: torch.Tensor
+    elbo_std_error: torch.Tensor
+    stats: dict[str, float]
+
+
+def likelihood_estimates(model: nn.Module, dequantizer: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = None,
+                         num_samples: int = 1, generator: Generators = None) -> BoundEstimates:
+    """``likelihood_bounds`` with the standard error of the ELBO and the model's counters.
+
+    log p(y_s) comes from ``model.log_prob_estimate``, fed the same generators after the dequantization noise
+    (so a random estimator's draws are per image and reproducible too).  The draws' errors are independent:
+    se(ELBO) = sqrt(Σ_s se_s²) / S.
+    """
     num_dims = math.prod(x.shape[1:])
     num_levels = dequantizer.num_levels
     y, log_q = dequantizer.sample_noise(x, num_samples, generator)  # (S, B, C, H, W), (S, B)
-    log_p = torch.stack([model.log_prob(y_s, labels) for y_s in y])  # (S, B)
+    estimates = [model.log_prob_estimate(y_s, labels, generator) for y_s in y]
+    log_p = torch.stack([e.log_prob for e in estimates])  # (S, B)
     elbo = log_likelihood_bound(log_p, num_dims, num_levels, log_q).mean(dim=0)
     iw = importance_weighted_bound(log_p, log_q, num_dims, num_levels)
-    return elbo, iw, y[0]
+    std_error = torch.stack([e.std_error.double() for e in estimates]).pow(2).sum(0).sqrt() / num_samples
+    stats = {k: sum(e.stats[k] for e in estimates) / num_samples for k in estimates[0].stats}
+    return BoundEstimates(elbo, iw, y[0], std_error.float(), stats)
 
 
 @torch.no_grad()
@@ -92,6 +121,11 @@ class SplitScore:
     per_image_bpd: torch.Tensor = field(repr=False)
     per_image_bpd_iw: torch.Tensor = field(repr=False)
     labels: torch.Tensor | None = field(default=None, repr=False)
+    # an estimated log p (a CNF's Hutchinson trace): the standard error of ``bpd`` from the estimator alone,
+    # sqrt(Σ_i se_i²) / N, and per image; 0 / None for an exact log p
+    bpd_std_error: float = 0.0
+    per_image_bpd_std_error: torch.Tensor | None = field(default=None, repr=False)
+    nfe: float | None = None  # a CNF's function evaluations per log-density solve, averaged over the batches
 
     def summary(self) -> dict:
         """The scalar results (JSON-ready)."""
@@ -121,7 +155,7 @@ def evaluate_split(
     autocast = autocast_context(device, precision)
     model.eval()
     dequantizer.eval()
-    elbos, iws, all_labels = [], [], []
+    elbos, iws, all_labels, errors, nfes = [], [], [], [], []
     recon = torch.zeros((), device=device)
     seconds = 0.0
     num_dims = None
@@ -131,10 +165,14 @@ def evaluate_split(
         _synchronize(device)
         start = time.perf_counter()
         with autocast:
-            elbo, iw, y = likelihood_bounds(model, dequantizer, x, labels if class_conditional else None,
-                                            num_samples, image_generators(device, seed, indices))
+            bounds = likelihood_estimates(model, dequantizer, x, labels if class_conditional else None,
+                                          num_samples, image_generators(device, seed, indices))
+        elbo, iw, y = bounds.elbo, bounds.iw, bounds.y
         _synchronize(device)
         seconds += time.perf_counter() - start
+        errors.append(bounds.elbo_std_error.cpu())
+        if "nfe" in bounds.stats:
+            nfes.append(bounds.stats["nfe"])
         with autocast:
             recon = torch.maximum(recon, reconstruction_error(model, y, labels if class_conditional else None))
         elbos.append(elbo.cpu())
@@ -143,9 +181,11 @@ def evaluate_split(
         if on_batch is not None:
             on_batch(x.shape[0])
     if not elbos:
-        raise ValueError("the split has no images to evaluate")
+        raise InvalidValueError("the split has no images to evaluate")
     elbo, iw = torch.cat(elbos), torch.cat(iws)
     per_image_bpd, per_image_bpd_iw = bits_per_dim(elbo, num_dims), bits_per_dim(iw, num_dims)
+    per_image_error = torch.cat(errors).double() / (num_dims * math.log(2))  # nats -> bits per dimension
+    estimated = bool(per_image_error.ne(0).any())
     return SplitScore(
         num_images=elbo.numel(),
         num_dims=num_dims,
@@ -159,6 +199,9 @@ def evaluate_split(
         per_image_bpd=per_image_bpd,
         per_image_bpd_iw=per_image_bpd_iw,
         labels=torch.cat(all_labels),
+        bpd_std_error=per_image_error.pow(2).sum().sqrt().item() / elbo.numel(),
+        per_image_bpd_std_error=per_image_error.float() if estimated else None,
+        nfe=sum(nfes) / len(nfes) if nfes else None,
     )
 
 
@@ -168,10 +211,10 @@ PRECISIONS = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "16-mix
 def autocast_context(device: torch.device, precision: str):
     """The autocast region of a Lightning precision name (a no-op context for 32-true)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+        raise InvalidValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
     dtype = PRECISIONS[precision]
     if dtype is torch.float16 and device.type != "cuda":
-        raise ValueError("precision=16-mixed needs a CUDA device; on the CPU use bf16-mixed")
+        raise InvalidValueError("precision=16-mixed needs a CUDA device; on the CPU use bf16-mixed")
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flowgen.errors import InvalidValueError
 from flowgen.models.base import latent_list, like_latents
 
 METHODS = ("linear", "spherical")
@@ -32,14 +33,14 @@ def reconstruct(model: nn.Module, y: torch.Tensor) -> torch.Tensor:
 def interpolation_weights(steps: int) -> torch.Tensor:
     """t = 0, 1/(steps-1), ..., 1 (float64)."""
     if steps < 2:
-        raise ValueError(f"interpolation needs steps >= 2 (the two end points), got {steps}")
+        raise InvalidValueError(f"interpolation needs steps >= 2 (the two end points), got {steps}")
     return torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
 
 
 def interpolate_vectors(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, method: str) -> torch.Tensor:
     """Points between two tensors of the same shape, (len(t), *a.shape); exact at t = 0 and t = 1."""
     if method not in METHODS:
-        raise ValueError(f"interpolation={method!r}; choose one of {', '.join(METHODS)}")
+        raise InvalidValueError(f"interpolation={method!r}; choose one of {', '.join(METHODS)}")
     a64, b64 = a.double().flatten(), b.double().flatten()
     t = t.to(a64.device)[:, None]
     if method == "spherical":

@@ -100,9 +100,3 @@ def compile_model(model: nn.Module, mode: str, **compile_kwargs) -> nn.Module:
         # An instance attribute, not a wrapper module, so state_dict keys stay those of the eager model.
         model.log_prob = torch.compile(model.log_prob, **compile_kwargs)
     return model
-
-
-def apply_performance(model: nn.Module, channels_last: bool = False, compile: str = "none") -> nn.Module:
-    """The two settings of ``configs/train.yaml``'s ``performance`` block, applied to ``model``."""
-    set_channels_last(model, channels_last)
-    return compile_model(model, compile)

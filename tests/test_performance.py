@@ -27,7 +27,7 @@ from flowgen.cli.benchmark import run_benchmark
 from flowgen.errors import UserError
 from flowgen.flows.nets import ActNormConv2d, GlowConditioner, ResNetConditioner, ZeroConv2d
 from flowgen.models import Glow, RealNVP, TarFlow
-from flowgen.performance import apply_performance, compile_model, glibc, set_channels_last
+from flowgen.performance import compile_model, glibc, set_channels_last
 from tests.conftest import perturb_parameters
 from tests.test_bad_inputs import run_train
 from tests.test_configs import compose_train
@@ -148,7 +148,7 @@ def test_compiled_tarflow_gives_the_eager_log_prob_and_samples(mode):
 
 def test_unknown_compile_mode_is_one_clear_error():
     with pytest.raises(UserError, match="performance.compile=fast is not one of none, step, model"):
-        apply_performance(Glow(1, 4, levels=1, steps=1, hidden_channels=4), compile="fast")
+        compile_model(Glow(1, 4, levels=1, steps=1, hidden_channels=4), "fast")
 
 
 # -- the measurements ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 import flowgen.cli  # noqa: F401  (registers the resolvers and the schemas)
+from flowgen.checks import validated
 from flowgen.cli.benchmark import run_benchmark
 from flowgen.cli.errors import EXIT_USER_ERROR, UserError, run_reporting_errors
 from flowgen.cli.evaluate import evaluate
@@ -27,7 +28,6 @@ from flowgen.cli.ood_histogram import ood_histogram
 from flowgen.cli.playground_2d import playground_2d
 from flowgen.cli.sample import sample
 from flowgen.config import tool_schemas
-from flowgen.config.checks import validated
 from tests.test_configs import compose_train
 from tests.train_runner import REPO
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from flowgen.checkpoints.reading import load_checkpoint
-from flowgen.config.tool_schemas import WHICH
 from flowgen.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
 CONFIG_FILE = "config.yaml"  # the run's resolved config, next to its checkpoints
+WHICH = ("best", "last")  # which checkpoint of a run directory a tool reads (``find_checkpoint``)
 
 
 def run_dir_of(ckpt: Path) -> Path:

@@ -5,8 +5,8 @@ from datetime import datetime
 
 from omegaconf import OmegaConf
 
+from flowgen.checks import PATH_COMPONENT
 from flowgen.config import schema, tool_schemas
-from flowgen.config.checks import PATH_COMPONENT
 from flowgen.errors import UserError
 
 

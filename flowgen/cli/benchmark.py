@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from flowgen.benchmark.compare import device_name, markdown_table, measure_workloads
 from flowgen.benchmark.workloads import build_workloads
 from flowgen.build import resolve_device
-from flowgen.config.checks import validated
+from flowgen.checks import validated
 from flowgen.errors import UserError
 
 

@@ -32,11 +32,22 @@ def _unknown_target(exc: BaseException) -> bool:
 
 
 def is_user_error(exc: BaseException) -> bool:
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    """Whether ``exc`` is a mistake the user can fix, told in one line; anything else is a bug and keeps
+    its traceback (a ValueError from inside torch included).
 
-    # an output path under a file, a file where a directory should be: the user's paths, not a bug
+    The user's: flowgen's own ``UserError`` (its ``InvalidValueError`` and the dataset and checkpoint errors
+    are kinds of it); a ``_target_`` that names no class; the named configuration errors of the libraries
+    (OmegaConf's, Hydra's composition and override errors, Lightning's ``MisconfigurationException``); and
+    the operating system's errors about the user's paths (an output path under a file, a file where a
+    directory should be)."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from omegaconf.errors import OmegaConfBaseException
+
+    named = (UserError | MisconfigurationException | OmegaConfBaseException | ConfigCompositionException
+             | MissingConfigException | OverrideParseException)
     paths = FileNotFoundError | FileExistsError | NotADirectoryError | IsADirectoryError
-    return _unknown_target(exc) or isinstance(exc, UserError | ValueError | paths | MisconfigurationException)
+    return _unknown_target(exc) or isinstance(exc, named | paths)
 
 
 def _remove_unused_output_dir() -> None:

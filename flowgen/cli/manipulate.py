@@ -28,8 +28,8 @@ from flowgen.attributes import (
     mean_latent_difference,
 )
 from flowgen.build import RestoredRun, instantiate_data, resolve_device, restore_run
+from flowgen.checks import validated
 from flowgen.cli.errors import UserError
-from flowgen.config.checks import validated
 from flowgen.data.quantize import pixels_to_levels
 from flowgen.data.splits import WithIndex
 from flowgen.data.transforms import ToUint8Image, resize_then_crop

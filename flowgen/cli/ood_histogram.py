@@ -16,8 +16,8 @@ from omegaconf import DictConfig, ListConfig
 from rich.console import Console
 from rich.table import Table
 
+from flowgen.checks import validated
 from flowgen.cli.errors import UserError
-from flowgen.config.checks import validated
 from flowgen.ood import auroc, read_scores
 
 SCORES = {"bpd": "bpd (ELBO), bits / dim", "typicality": "typicality |bpd - H|, bits / dim"}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from flowgen.config.checks import validated
+from flowgen.checks import validated
 from flowgen.errors import UserError
 from flowgen.playground.densities import sample_density
 from flowgen.playground.figures import density_figure, evolution_figure

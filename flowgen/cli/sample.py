@@ -10,8 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
 from flowgen.build import RestoredRun, instantiate_data, resolve_device, restore_run
+from flowgen.checks import validated
 from flowgen.cli.errors import UserError
-from flowgen.config.checks import validated
 from flowgen.latents import interpolate, reconstruct
 from flowgen.likelihood import to_unit_interval
 from flowgen.sampling import image_grid, temperature_rows

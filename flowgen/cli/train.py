@@ -23,13 +23,13 @@ from flowgen.build import build_module
 from flowgen.checkpoints.reading import check_state_matches, load_checkpoint
 from flowgen.checkpoints.run_dir import CONFIG_FILE
 from flowgen.checkpoints.writing import AtomicCheckpointIO, remove_partial_files
+from flowgen.checks import validated
 from flowgen.cli.errors import UserError, one_line
 from flowgen.cli.loggers import build_loggers
 from flowgen.cli.resume import command_line_overrides, compose_defaults, plan_run
 from flowgen.cli.run_files import remove_unused_run_dir
 from flowgen.cli.run_lock import RunLock, describe_owner
 from flowgen.cli.sweeps import in_multirun, sweep_objective
-from flowgen.config.checks import validated
 from flowgen.performance import keep_freed_cpu_memory
 from flowgen.training import FlowModule, NonFiniteStepsError, NonFiniteWeightsError
 from flowgen.training.final_checkpoint import FinalStepCheckpoint

@@ -5,7 +5,7 @@
 first in its defaults list (``defaults: [sample_schema, _self_, ...]``), as ``train.yaml`` names
 ``train_schema`` (flowgen/config/schema.py). A wrong type (``n=abc``), an unknown choice
 (``mode=dream``), a misspelt key or a bool given as ``no`` (False, not the truthy string "no") is
-settled at composition, naming the key; the range checks (``checked(...)``, flowgen/config/checks.py)
+settled at composition, naming the key; the range checks (``checked(...)``, flowgen/checks.py)
 are verified by ``validated(cfg)``, the first thing each tool's task function does.
 
 The choices of the enums come from the registries of the code that uses them
@@ -32,7 +32,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, ListConfig
 
-from flowgen.config.checks import (
+from flowgen.checkpoints.run_dir import WHICH
+from flowgen.checks import (
     AT_LEAST_ONE,
     FINITE,
     NON_NEGATIVE,
@@ -54,8 +55,6 @@ from flowgen.playground.flows2d import COUPLINGS as COUPLINGS_2D
 from flowgen.playground.flows2d import FLOW_KINDS as FLOW_KINDS_2D
 from flowgen.sample_quality import METRICS
 from flowgen.sampling import SAMPLE_MODES
-
-WHICH = ("best", "last")  # a run directory's checkpoint for the tools (flowgen/checkpoints/run_dir.py)
 
 Which = choices("Which", WHICH)
 Split = choices("Split", SPLITS)

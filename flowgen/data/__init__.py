@@ -5,7 +5,7 @@ per dataset, and the one rule for K, the number of pixel levels); configs/data/<
 one's files must be.
 
 Owns: the datasets' on-disk formats, splits, the pixel pipeline, the samplers, the data module.
-May import: torch, torchvision, Lightning, PIL, numpy, scikit-learn, ``flowgen.errors``, ``flowgen.config.checks``.
+May import: torch, torchvision, Lightning, PIL, numpy, scikit-learn, ``flowgen.errors``, ``flowgen.checks``.
 """
 
 from flowgen.data.datamodule import ImageDataModule

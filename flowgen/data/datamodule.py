@@ -14,7 +14,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from flowgen.config.checks import AT_LEAST_ONE, COUNT_OR_FRACTION, NON_NEGATIVE, integer, one_of, require
+from flowgen.checks import AT_LEAST_ONE, COUNT_OR_FRACTION, NON_NEGATIVE, integer, one_of, require
 from flowgen.data import folder
 from flowgen.data.registry import dataset
 from flowgen.data.registry import num_levels as registry_num_levels

@@ -23,6 +23,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from flowgen.data.errors import DatasetNotFoundError, corrupt
 from flowgen.data.splits import IndexedView, LevelImages, RawSplits, held_out_count, holdout
 from flowgen.data.transforms import resize_then_crop
+from flowgen.errors import InvalidValueError
 
 # torchvision's list plus GIF; matching ignores case (cameras write IMG_0001.JPG).
 EXTENSIONS = tuple(sorted(set(IMG_EXTENSIONS) | {".gif"}))
@@ -98,7 +99,7 @@ def scan_split(directory: Path, classes: list[str] | None) -> ImageFiles:
     for file in files:
         parts = file.relative_to(directory).parts
         if len(parts) == 1 or parts[0] not in index:
-            raise ValueError(
+            raise InvalidValueError(
                 f"folder: {file} is not in one of the train split's class directories "
                 f"{classes}; give every split the same class directories"
             )
@@ -131,7 +132,7 @@ def load(path: str | Path, *, image_size: int, val_size: int | float, split_seed
         train = splits["train"]
         count = held_out_count(val_size, len(train))
         if len(missing) * count >= len(train):
-            raise ValueError(
+            raise InvalidValueError(
                 f"val_size={val_size} holds out {len(missing)} x {count} of the {len(train)} "
                 f"images in {root}, leaving none to train on; lower data.val_size"
             )

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from flowgen.errors import InvalidValueError
+
 SPLITS = ("train", "val", "test")  # what every data module serves (``eval_dataset(split)``)
 
 
@@ -33,7 +35,7 @@ def held_out_count(size: int | float, n: int, what: str = "val_size") -> int:
     """``size`` as a count of images out of ``n``: an int is a count, a float a fraction."""
     count = round(size * n) if isinstance(size, float) else int(size)
     if not 0 <= count < n:
-        raise ValueError(
+        raise InvalidValueError(
             f"{what}={size} leaves no training images out of {n}; "
             "use a count below that or a fraction in [0, 1)"
         )

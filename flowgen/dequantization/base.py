@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from flowgen.errors import InvalidValueError
 from flowgen.likelihood import dequantize, quantize
 
 # one generator for the batch, one per image, or None for the global RNG
@@ -40,7 +41,7 @@ def noise_like(draw, x: torch.Tensor, generator: Generators = None, dtype: torch
     if generator is None or isinstance(generator, torch.Generator):
         return draw(x.shape, device=x.device, dtype=dtype, generator=generator)
     if len(generator) != x.shape[0]:
-        raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]} images")
+        raise InvalidValueError(f"{len(generator)} generators for a batch of {x.shape[0]} images")
     return torch.stack([draw(x.shape[1:], device=x.device, dtype=dtype, generator=g) for g in generator])
 
 
@@ -80,7 +81,7 @@ class Dequantization(nn.Module):
     def __init__(self, num_levels: int):
         super().__init__()
         if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
-            raise ValueError(f"num_levels (K) must be an integer >= 2, got {num_levels!r}")
+            raise InvalidValueError(f"num_levels (K) must be an integer >= 2, got {num_levels!r}")
         self.num_levels = num_levels
         self._bounds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per device; not state
 
@@ -102,7 +103,7 @@ class Dequantization(nn.Module):
         generator per image, draw s of image i is the s-th draw of generator i, whatever the batch.
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+            raise InvalidValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         draws = [self(x, generator) for _ in range(num_samples)]
         return torch.stack([y for y, _ in draws]), torch.stack([log_q for _, log_q in draws])
 
@@ -114,7 +115,8 @@ class Dequantization(nn.Module):
         moved to the device); ``values=True`` forces the check anywhere.
         """
         if x.dim() != 4:
-            raise ValueError(f"dequantization expects integer images of shape (B, C, H, W), got {tuple(x.shape)}")
+            raise InvalidValueError(
+                f"dequantization expects integer images of shape (B, C, H, W), got {tuple(x.shape)}")
         if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"dequantization expects integer pixels (uint8/long levels), got dtype {x.dtype}")
         if values is None:
@@ -123,7 +125,7 @@ class Dequantization(nn.Module):
             return  # every uint8 value is a valid level when K >= 256
         low, high = (int(v) for v in torch.aminmax(x))
         if low < 0 or high >= self.num_levels:
-            raise ValueError(
+            raise InvalidValueError(
                 f"pixel levels span {low}..{high} but num_levels is {self.num_levels}; "
                 "the data's n_bits/num_levels and the dequantization's num_levels must agree"
             )

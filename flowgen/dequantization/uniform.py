@@ -9,6 +9,7 @@ import torch
 
 from flowgen.dequantization.base import Dequantization, Generators, uniform_noise
 from flowgen.dequantization.gaussian_noise import gaussian_noise, noise_log_normalizer
+from flowgen.errors import InvalidValueError
 
 
 class UniformDequantization(Dequantization):
@@ -24,7 +25,7 @@ class UniformDequantization(Dequantization):
     def __init__(self, num_levels: int, noise_std: float = 0.0):
         super().__init__(num_levels)
         if isinstance(noise_std, bool) or not (math.isfinite(noise_std) and noise_std >= 0):
-            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+            raise InvalidValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
         self.noise_std = float(noise_std)
 
     def draw_noise(self, x: torch.Tensor, generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:

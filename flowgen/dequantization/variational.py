@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowgen.dequantization.base import Dequantization, Generators, uniform_noise
+from flowgen.errors import InvalidValueError
 from flowgen.flows.base import Flow, FlowSequence, no_autocast, sum_except_batch
 from flowgen.flows.coupling import Coupling
 from flowgen.flows.nets import ResNetConditioner
@@ -88,9 +89,9 @@ class NoiseFlow(Flow):
                             ("num_couplings", num_couplings), ("feature_channels", feature_channels),
                             ("num_blocks", num_blocks)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise InvalidValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
-            raise ValueError(f"num_levels (K) must be an integer >= 2, got {num_levels!r}")
+            raise InvalidValueError(f"num_levels (K) must be an integer >= 2, got {num_levels!r}")
         self.num_levels, self.channels = num_levels, channels
         # h(x): features of the pixels shared by every coupling
         self.feature_net = nn.Sequential(
@@ -109,9 +110,9 @@ class NoiseFlow(Flow):
     def features(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """h(x) from the normalised pixels x/(K-1) - 1/2 ∈ [-1/2, 1/2]."""
         if x is None:
-            raise ValueError("NoiseFlow is conditional: pass the integer pixels x as cond")
+            raise InvalidValueError("NoiseFlow is conditional: pass the integer pixels x as cond")
         if x.shape[1] != self.channels:
-            raise ValueError(f"NoiseFlow was built for {self.channels} channel(s), got images with {x.shape[1]}")
+            raise InvalidValueError(f"NoiseFlow was built for {self.channels} channel(s), got images with {x.shape[1]}")
         return self.feature_net(x.to(dtype) / (self.num_levels - 1) - 0.5)
 
     def forward(self, u0, cond=None):

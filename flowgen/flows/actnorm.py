@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from flowgen.errors import InvalidValueError
 from flowgen.flows.base import Flow, logdet_dtype, no_autocast
 from flowgen.flows.memory import DataDependentInit
 
@@ -68,7 +69,7 @@ class ActNorm(Flow, DataDependentInit):
         std = var.sqrt()
         if bool((std < MIN_INIT_STD).any()):
             bad = (std < MIN_INIT_STD).nonzero().flatten().tolist()
-            raise ValueError(
+            raise InvalidValueError(
                 f"ActNorm cannot initialise: channel(s) {bad[:8]} of its input have zero variance "
                 f"over the first batch (std < {MIN_INIT_STD}); dequantize the data (add noise) or "
                 "use a larger first batch"

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from flowgen.errors import InvalidValueError
 from flowgen.flows.base import Flow, no_autocast, sum_except_batch, zero_logdet
 from flowgen.transforms import TRANSFORMS, ElementwiseTransform, TransformOptions, make_transform
 
@@ -63,11 +64,11 @@ def input_order(dim: int, order: None | str | torch.Tensor | list[int]) -> torch
         return torch.arange(dim)
     if isinstance(order, str):
         if order != "reverse":
-            raise ValueError(f"unknown order {order!r}; give None, 'reverse' or a permutation of 0..{dim - 1}")
+            raise InvalidValueError(f"unknown order {order!r}; give None, 'reverse' or a permutation of 0..{dim - 1}")
         return torch.arange(dim - 1, -1, -1)
     perm = torch.as_tensor(order).long().flatten()
     if perm.numel() != dim or not torch.equal(perm.sort().values, torch.arange(dim)):
-        raise ValueError(f"order must be a permutation of 0..{dim - 1}, got {perm.tolist()}")
+        raise InvalidValueError(f"order must be a permutation of 0..{dim - 1}, got {perm.tolist()}")
     return perm
 
 
@@ -144,22 +145,22 @@ class MaskedAutoregressive(Flow):
                  options: TransformOptions | None = None, cond_features: int = 0):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+            raise InvalidValueError(f"dim must be an integer >= 1, got {dim!r}")
         if direction not in DIRECTIONS:
-            raise ValueError(f"unknown direction {direction!r}; choose one of {', '.join(DIRECTIONS)}")
+            raise InvalidValueError(f"unknown direction {direction!r}; choose one of {', '.join(DIRECTIONS)}")
         if isinstance(transform, ElementwiseTransform):
             if options is not None:
-                raise ValueError("give options with a transform name, not with a ready transform")
+                raise InvalidValueError("give options with a transform name, not with a ready transform")
         elif transform not in TRANSFORMS:
-            raise ValueError(f"unknown transform {transform!r}; choose one of {', '.join(TRANSFORMS)}")
+            raise InvalidValueError(f"unknown transform {transform!r}; choose one of {', '.join(TRANSFORMS)}")
         if isinstance(num_hidden_layers, bool) or not isinstance(num_hidden_layers, int) or num_hidden_layers < 1:
-            raise ValueError(f"num_hidden_layers must be an integer >= 1, got {num_hidden_layers!r}")
+            raise InvalidValueError(f"num_hidden_layers must be an integer >= 1, got {num_hidden_layers!r}")
         if isinstance(cond_features, bool) or not isinstance(cond_features, int) or cond_features < 0:
-            raise ValueError(f"cond_features must be an integer >= 0, got {cond_features!r}")
+            raise InvalidValueError(f"cond_features must be an integer >= 0, got {cond_features!r}")
         # every degree must occur among the hidden units, or some element loses some of its predecessors
         needed = dim if cond_features else dim - 1
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < max(needed, 1):
-            raise ValueError(f"hidden must be an integer >= {max(needed, 1)} for dim={dim}, got {hidden!r}")
+            raise InvalidValueError(f"hidden must be an integer >= {max(needed, 1)} for dim={dim}, got {hidden!r}")
         self.dim, self.direction = dim, direction
         self.register_buffer("order", input_order(dim, order), persistent=False)
         if not isinstance(transform, ElementwiseTransform):
@@ -171,7 +172,7 @@ class MaskedAutoregressive(Flow):
     def _params(self, v: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """(B, D, P) parameters of every element from v's earlier elements, in v's dtype (the net may run in bf16)."""
         if (cond is None) != (self.made.cond_features == 0):
-            raise ValueError(f"this layer takes a context of {self.made.cond_features} features; got "
+            raise InvalidValueError(f"this layer takes a context of {self.made.cond_features} features; got "
                              f"{'none' if cond is None else tuple(cond.shape)}")
         h = self.made(v, cond).to(v.dtype)
         return rearrange(h, "b (p d) -> b d p", p=self.transform.num_params)
@@ -183,7 +184,7 @@ class MaskedAutoregressive(Flow):
 
     def _check(self, v: torch.Tensor) -> None:
         if v.dim() != 2 or v.shape[1] != self.dim:
-            raise ValueError(f"expected (B, {self.dim}) vectors, got shape {tuple(v.shape)}")
+            raise InvalidValueError(f"expected (B, {self.dim}) vectors, got shape {tuple(v.shape)}")
 
     # -- one pass: f (MAF forward, IAF inverse) ----------------------------------------------------
     def _one_pass(self, v, cond, derivative: bool):

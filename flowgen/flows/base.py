@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flowgen.errors import InvalidValueError
 from flowgen.flows.memory import MEMORY_MODES, forward_with_memory
 
 
@@ -75,7 +76,7 @@ class FlowSequence(Flow):
     def __init__(self, flows: list[nn.Module], memory: str = "standard"):
         super().__init__()
         if memory not in MEMORY_MODES:
-            raise ValueError(f"unknown memory {memory!r}; choose one of {', '.join(MEMORY_MODES)}")
+            raise InvalidValueError(f"unknown memory {memory!r}; choose one of {', '.join(MEMORY_MODES)}")
         self.flows = nn.ModuleList(flows)
         self.memory = memory
 

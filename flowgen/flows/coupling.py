@@ -28,6 +28,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from flowgen.errors import InvalidValueError
 from flowgen.flows.base import Flow, no_autocast, sum_except_batch, zero_logdet
 from flowgen.transforms import Spline, TransformOptions, make_transform
 
@@ -67,9 +68,9 @@ class Coupling(Flow):
     ):
         super().__init__()
         if mask not in MASKS:
-            raise ValueError(f"unknown coupling mask {mask!r}; choose one of {MASKS}")
+            raise InvalidValueError(f"unknown coupling mask {mask!r}; choose one of {MASKS}")
         if mask == "channel" and channels < 2:
-            raise ValueError(f"a channel coupling needs at least 2 channels, got {channels}")
+            raise InvalidValueError(f"a channel coupling needs at least 2 channels, got {channels}")
         self.channels, self.mask, self.parity = channels, mask, parity
         if mask == "channel":
             self.id_channels = channels // 2

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowgen.errors import InvalidValueError
 from flowgen.flows.base import logdet_dtype, no_autocast, sum_except_batch
 from flowgen.flows.nets import ZeroConv2d
 
@@ -41,7 +42,7 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
 def gaussian_sample(mean: torch.Tensor, log_std: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:
     """z = mean + temperature · exp(log_std) · ε,  ε ~ N(0, I)."""
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise InvalidValueError(f"temperature must be >= 0, got {temperature}")
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return mean + temperature * log_std.exp() * eps
 
@@ -58,7 +59,7 @@ class ClassEmbedding(nn.Module):
 
     def forward(self, y: torch.Tensor | None) -> torch.Tensor:
         if y is None:
-            raise ValueError(f"this model is class-conditional ({self.num_classes} classes): pass labels y")
+            raise InvalidValueError(f"this model is class-conditional ({self.num_classes} classes): pass labels y")
         y = torch.as_tensor(y, device=self.linear.weight.device).long().flatten()
         onehot = F.one_hot(y, self.num_classes).to(self.linear.weight.dtype)
         return self.linear(onehot)[:, :, None, None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flowgen.errors import InvalidValueError
 from flowgen.flows.prior import SplitPrior, gaussian_log_prob, gaussian_sample
 
 
@@ -22,7 +23,7 @@ class Split(nn.Module):
     def __init__(self, channels: int, learn_prior: bool = True):
         super().__init__()
         if channels < 2:
-            raise ValueError(f"Split needs at least 2 channels, got {channels}")
+            raise InvalidValueError(f"Split needs at least 2 channels, got {channels}")
         self.keep_channels = channels - channels // 2
         self.prior = SplitPrior(self.keep_channels, channels // 2, learn=learn_prior)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from einops import rearrange
 
+from flowgen.errors import InvalidValueError
 from flowgen.flows.base import Flow, zero_logdet
 
 
@@ -16,7 +17,7 @@ class Squeeze(Flow):
 
     def forward(self, x, cond=None):
         if x.shape[2] % 2 or x.shape[3] % 2:
-            raise ValueError(f"Squeeze needs an even height and width, got {tuple(x.shape[2:])}")
+            raise InvalidValueError(f"Squeeze needs an even height and width, got {tuple(x.shape[2:])}")
         return rearrange(x, "b c (h i) (w j) -> b (c i j) h w", i=2, j=2), zero_logdet(x)
 
     def inverse(self, z, cond=None):

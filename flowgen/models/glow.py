@@ -88,7 +88,3 @@ class Glow(MultiScaleFlow):
                 channels = split.keep_channels
         top = TopPrior(channels, size, size, learn=learn_top, num_classes=num_classes)
         super().__init__(flow_levels, splits, top, in_channels, image_size)
-        self.config = dict(in_channels=in_channels, image_size=image_size, levels=levels, steps=steps,
-                           hidden_channels=hidden_channels, coupling=coupling, permutation=permutation,
-                           num_classes=num_classes, learn_top=learn_top, learn_split_prior=learn_split_prior,
-                           memory=memory, spline_bins=spline_bins, spline_bound=spline_bound)

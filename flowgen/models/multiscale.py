@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flowgen.errors import InvalidValueError
 from flowgen.flows.actnorm import ActNorm
 from flowgen.flows.base import FlowSequence, zero_logdet
 from flowgen.flows.coupling import Coupling
@@ -38,7 +39,8 @@ class MultiScaleFlow(FlowModel):
                  in_channels: int, image_size: int):
         super().__init__()
         if len(splits) != len(levels) - 1:
-            raise ValueError(f"need one split between consecutive levels: {len(levels)} levels, {len(splits)} splits")
+            raise InvalidValueError(
+                f"need one split between consecutive levels: {len(levels)} levels, {len(splits)} splits")
         self.levels = nn.ModuleList(levels)
         self.splits = nn.ModuleList(splits)
         self.top_prior = top_prior
@@ -133,15 +135,15 @@ class MultiScaleFlow(FlowModel):
         num_levels = len(self.levels)
         if zs is None:
             if n is None:
-                raise ValueError("decode needs latents zs or a number of samples n")
+                raise InvalidValueError("decode needs latents zs or a number of samples n")
             zs = [None] * num_levels
         if len(zs) != num_levels:
-            raise ValueError(f"expected {num_levels} latents (one per level), got {len(zs)}")
+            raise InvalidValueError(f"expected {num_levels} latents (one per level), got {len(zs)}")
         used = list(zs)
         h = zs[-1]
         if h is None:
             if n is None:
-                raise ValueError("decode needs the top latent or a number of samples n")
+                raise InvalidValueError("decode needs the top latent or a number of samples n")
             h = self.top_prior.sample(n, temperature, y, generator)
         used[-1] = h
         total = zero_logdet(h) if logdet else None

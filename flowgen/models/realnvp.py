@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from flowgen.errors import InvalidValueError
 from flowgen.flows.actnorm import ActNorm
 from flowgen.flows.base import FlowSequence
 from flowgen.flows.coupling import Coupling
@@ -54,13 +55,13 @@ class RealNVP(MultiScaleFlow):
     ):
         check_positive(in_channels=in_channels, scales=scales, hidden_channels=hidden_channels)
         if num_blocks < 0:
-            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+            raise InvalidValueError(f"num_blocks must be >= 0, got {num_blocks}")
         check_choice("coupling", coupling, tuple(TRANSFORMS))
         check_choice("memory", memory, MEMORY_MODES)
         factor = 2 ** (scales - 1)
         check_image_size(image_size, factor, f"RealNVP with scales={scales} squeezes {scales - 1} times")
         if image_size // factor < 2:
-            raise ValueError(
+            raise InvalidValueError(
                 f"image_size={image_size} is too small for scales={scales}: the last scale would be "
                 f"{image_size // factor}x{image_size // factor}, checkerboard couplings need at least 2x2"
             )
@@ -92,7 +93,3 @@ class RealNVP(MultiScaleFlow):
         flow_levels.append(FlowSequence(couplings(channels, "checkerboard", 4), memory=memory))
         top = TopPrior(channels, size, size, learn=learn_prior, num_classes=num_classes)
         super().__init__(flow_levels, splits, top, in_channels, image_size)
-        self.config = dict(in_channels=in_channels, image_size=image_size, scales=scales,
-                           hidden_channels=hidden_channels, num_blocks=num_blocks, coupling=coupling,
-                           actnorm=actnorm, learn_prior=learn_prior, num_classes=num_classes, memory=memory,
-                           spline_bins=spline_bins, spline_bound=spline_bound)

@@ -94,6 +94,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from flowgen.errors import InvalidValueError
 from flowgen.flows.base import logdet_dtype, no_autocast, sum_except_batch, zero_logdet
 from flowgen.flows.prior import standard_normal_log_prob
 from flowgen.models.base import FlowModel, LogProbParts, check_temperature, labels_for, latent_list
@@ -428,10 +429,10 @@ class TarFlow(FlowModel):
                        jacobi_segments=jacobi_segments)
         check_image_size(image_size, patch_size, f"TarFlow cuts the image into {patch_size}x{patch_size} patches")
         if image_size == patch_size:
-            raise ValueError(f"patch_size={patch_size} leaves one patch of a {image_size}x{image_size} image; "
+            raise InvalidValueError(f"patch_size={patch_size} leaves one patch of a {image_size}x{image_size} image; "
                              "TarFlow needs at least 2 tokens, use a smaller patch_size")
         if width % num_heads:
-            raise ValueError(f"width={width} is not divisible by num_heads={num_heads}")
+            raise InvalidValueError(f"width={width} is not divisible by num_heads={num_heads}")
         if num_classes is not None:
             check_positive(num_classes=num_classes)
         if jacobi_max_iterations is not None:
@@ -440,18 +441,18 @@ class TarFlow(FlowModel):
         check_choice("affine_scale", affine_scale, AFFINE_SCALES)
         check_choice("inverse_method", inverse_method, INVERSE_METHODS)
         if memory == "invertible":
-            raise ValueError("memory='invertible' does not suit TarFlow: rebuilding a block's input needs its "
+            raise InvalidValueError("memory='invertible' does not suit TarFlow: rebuilding a block's input needs its "
                              "sequential inverse (one transformer pass per token); use memory='checkpoint'")
         check_choice("memory", memory, TARFLOW_MEMORY_MODES)
         for name, value in (("noise_std", noise_std), ("jacobi_tolerance", jacobi_tolerance)):
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                raise InvalidValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not 0 <= label_drop < 1:
-            raise ValueError(f"label_drop must be in [0, 1), got {label_drop!r}")
+            raise InvalidValueError(f"label_drop must be in [0, 1), got {label_drop!r}")
         if not math.isfinite(guidance):
-            raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+            raise InvalidValueError(f"guidance must be a finite number, got {guidance!r}")
         if guidance != 0 and num_classes is None:
-            raise ValueError("guidance needs a class-conditional model (num_classes); set guidance=0")
+            raise InvalidValueError("guidance needs a class-conditional model (num_classes); set guidance=0")
 
         self.in_channels, self.image_size, self.patch_size = in_channels, image_size, patch_size
         self.num_classes = num_classes
@@ -540,7 +541,7 @@ class TarFlow(FlowModel):
     def _tokens(self, latents) -> torch.Tensor:
         parts = latent_list(latents)
         if len(parts) != 1:
-            raise ValueError(f"TarFlow has one latent tensor, got {len(parts)}")
+            raise InvalidValueError(f"TarFlow has one latent tensor, got {len(parts)}")
         return patchify(parts[0], self.patch_size)
 
     def inverse(self, latents, y=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -594,7 +595,7 @@ class TarFlow(FlowModel):
                                 jacobi_segments=jacobi_segments, jacobi_max_iterations=jacobi_max_iterations,
                                 jacobi_tolerance=jacobi_tolerance)
         if options.guidance != 0 and self.num_classes is None:
-            raise ValueError("guidance needs a class-conditional model (num_classes)")
+            raise InvalidValueError("guidance needs a class-conditional model (num_classes)")
         param = self.blocks[0].first_params
         z = torch.randn((n, *self.input_shape), generator=generator, device=param.device, dtype=param.dtype)
         x = self._decode(patchify(z * temperature, self.patch_size), y, options)

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from sklearn.datasets import make_moons
 
+from flowgen.errors import InvalidValueError
+
 
 def moons(n: int, rng: np.random.Generator) -> np.ndarray:
     points, _ = make_moons(n, noise=0.05, random_state=int(rng.integers(2**31)))
@@ -73,5 +75,5 @@ DENSITIES = {
 def sample_density(name: str, n: int, rng: np.random.Generator) -> torch.Tensor:
     """n points of the toy density ``name`` as a (n, 2) float32 tensor."""
     if name not in DENSITIES:
-        raise ValueError(f"unknown density {name!r}; choose one of {', '.join(DENSITIES)}")
+        raise InvalidValueError(f"unknown density {name!r}; choose one of {', '.join(DENSITIES)}")
     return torch.from_numpy(DENSITIES[name](n, rng)).float()

@@ -36,6 +36,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from flowgen.errors import InvalidValueError
 from flowgen.flows.actnorm import ActNorm
 from flowgen.flows.autoregressive import MaskedAutoregressive
 from flowgen.flows.base import Flow, FlowSequence, sum_except_batch, zero_logdet
@@ -73,7 +74,7 @@ class Coupling2d(Flow):
     def __init__(self, dim: int, hidden: int, parity: int, transform: ElementwiseTransform):
         super().__init__()
         if dim < 2:
-            raise ValueError(f"a coupling needs at least 2 coordinates, got {dim}")
+            raise InvalidValueError(f"a coupling needs at least 2 coordinates, got {dim}")
         coordinates = torch.arange(dim)
         self.register_buffer("kept", coordinates[coordinates % 2 == parity], persistent=False)
         self.register_buffer("changed", coordinates[coordinates % 2 != parity], persistent=False)
@@ -140,17 +141,17 @@ def build_flow(num_layers: int, coupling: str, hidden: int, actnorm: bool = True
     evolution figure steps through, so a block is itself a FlowSequence.
     """
     if kind not in FLOW_KINDS:
-        raise ValueError(f"unknown flow kind {kind!r}; choose one of {', '.join(FLOW_KINDS)}")
+        raise InvalidValueError(f"unknown flow kind {kind!r}; choose one of {', '.join(FLOW_KINDS)}")
     if coupling not in COUPLINGS:
-        raise ValueError(f"unknown coupling {coupling!r}; choose one of {', '.join(COUPLINGS)}")
+        raise InvalidValueError(f"unknown coupling {coupling!r}; choose one of {', '.join(COUPLINGS)}")
     if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
+        raise InvalidValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
     if not isinstance(hidden, int) or hidden < 1:
-        raise ValueError(f"hidden must be an integer >= 1, got {hidden!r}")
+        raise InvalidValueError(f"hidden must be an integer >= 1, got {hidden!r}")
     if coupling == "affine" and not scale_bound > 0:
-        raise ValueError(f"scale_bound must be > 0, got {scale_bound!r}")
+        raise InvalidValueError(f"scale_bound must be > 0, got {scale_bound!r}")
     if coupling == "spline" and (not isinstance(spline_bins, int) or spline_bins < 2 or not spline_bound > 0):
-        raise ValueError(f"a spline coupling needs spline_bins >= 2 and spline_bound > 0, got {spline_bins!r} "
+        raise InvalidValueError(f"a spline coupling needs spline_bins >= 2 and spline_bound > 0, got {spline_bins!r} "
                          f"and {spline_bound!r}")
     blocks = []
     for j in range(num_layers):

@@ -29,6 +29,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from flowgen.errors import InvalidValueError
 from flowgen.likelihood import bits_per_dim, log_likelihood_bound, nats_to_bpd
 
 PREFIX = "diagnostics/"
@@ -85,9 +86,9 @@ class FlowDiagnostics(L.Callback):
     def __init__(self, every_n_steps: int = 100, num_images: int = 32, seed: int = 0):
         super().__init__()
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"diagnostics.every_n_steps must be an int >= 1, got {every_n_steps!r}")
+            raise InvalidValueError(f"diagnostics.every_n_steps must be an int >= 1, got {every_n_steps!r}")
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"diagnostics.num_images must be an int >= 1, got {num_images!r}")
+            raise InvalidValueError(f"diagnostics.num_images must be an int >= 1, got {num_images!r}")
         self.every_n_steps = every_n_steps
         self.num_images = num_images
         self.seed = seed

@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from flowgen.errors import InvalidValueError
+
 
 class EMA(nn.Module):
     """θ_ema <- d_n · θ_ema + (1 - d_n) · θ after the n-th optimizer step, d_n = min(d, (1 + n) / (10 + n)).
@@ -24,7 +26,7 @@ class EMA(nn.Module):
     def __init__(self, model: nn.Module, decay: float):
         super().__init__()
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
+            raise InvalidValueError(f"ema_decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.module = copy.deepcopy(model).requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))

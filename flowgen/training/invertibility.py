@@ -7,6 +7,7 @@ import warnings
 import lightning as L
 import torch
 
+from flowgen.errors import InvalidValueError
 from flowgen.latents import reconstruct
 
 
@@ -24,7 +25,7 @@ class InvertibilityMonitor(L.Callback):
     def __init__(self, every_n_steps: int = 500, threshold: float = 1e-3, num_images: int = 16):
         super().__init__()
         if every_n_steps < 1:
-            raise ValueError(f"invertibility.every_n_steps must be >= 1, got {every_n_steps}")
+            raise InvalidValueError(f"invertibility.every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
         self.threshold = threshold
         self.num_images = num_images

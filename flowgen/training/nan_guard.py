@@ -6,7 +6,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from flowgen.errors import UserError
+from flowgen.errors import InvalidValueError, UserError
 
 
 class NonFiniteStepsError(UserError):
@@ -52,7 +52,7 @@ class NonFiniteGuard(L.Callback):
     def __init__(self, max_consecutive: int = 20):
         super().__init__()
         if max_consecutive < 1:
-            raise ValueError(f"nan_guard.max_consecutive must be >= 1, got {max_consecutive}")
+            raise InvalidValueError(f"nan_guard.max_consecutive must be >= 1, got {max_consecutive}")
         self.max_consecutive = max_consecutive
         self.skipped = 0
         self.consecutive = 0

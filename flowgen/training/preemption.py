@@ -29,6 +29,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from flowgen.errors import InvalidValueError
 from flowgen.training.final_checkpoint import save_last_checkpoint
 
 REQUEUE_EXIT_CODE = 3
@@ -41,7 +42,7 @@ def parse_signal(name: str | int) -> signal.Signals:
     key = str(name).upper()
     key = key if key.startswith("SIG") else f"SIG{key}"
     if not hasattr(signal, key):
-        raise ValueError(f"preemption.signal={name!r} is not a signal name (e.g. USR1, USR2, TERM)")
+        raise InvalidValueError(f"preemption.signal={name!r} is not a signal name (e.g. USR1, USR2, TERM)")
     return signal.Signals(getattr(signal, key))
 
 
@@ -52,7 +53,7 @@ class PreemptionCheckpoint(L.Callback):
         super().__init__()
         self.signal = parse_signal(signal)
         if check_every_n_steps < 1:
-            raise ValueError(f"preemption.check_every_n_steps must be >= 1, got {check_every_n_steps}")
+            raise InvalidValueError(f"preemption.check_every_n_steps must be >= 1, got {check_every_n_steps}")
         self.check_every_n_steps = check_every_n_steps
         self.exit_code = exit_code
         self.received = False

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flowgen.errors import UserError
+from flowgen.errors import InvalidValueError, UserError
 
 # 2**61 - 1, a Mersenne prime: position weights below it keep int64 products from repeating early
 _PRIME = 2_305_843_009_213_693_951
@@ -70,7 +70,7 @@ class RankSyncCheck(L.Callback):
     def __init__(self, every_n_steps: int = 1000):
         super().__init__()
         if every_n_steps < 0:
-            raise ValueError(f"rank_sync_check.every_n_steps must be >= 0, got {every_n_steps}")
+            raise InvalidValueError(f"rank_sync_check.every_n_steps must be >= 0, got {every_n_steps}")
         self.every_n_steps = every_n_steps
         self.checks = 0
         self._last_checked_step = -1

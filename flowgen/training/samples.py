@@ -10,6 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import save_image
 
+from flowgen.errors import InvalidValueError
 from flowgen.sampling import image_grid, temperature_rows
 
 
@@ -28,9 +29,9 @@ class SampleGrid(L.Callback):
                  num_per_row: int = 8, seed: int = 0):
         super().__init__()
         if every_n_steps < 1:
-            raise ValueError(f"samples.every_n_steps must be >= 1, got {every_n_steps}")
+            raise InvalidValueError(f"samples.every_n_steps must be >= 1, got {every_n_steps}")
         if any(t < 0 for t in temperatures):
-            raise ValueError(f"sample temperatures must be >= 0, got {list(temperatures)}")
+            raise InvalidValueError(f"sample temperatures must be >= 0, got {list(temperatures)}")
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.temperatures = [float(t) for t in temperatures]

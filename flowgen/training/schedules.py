@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from flowgen.errors import InvalidValueError
+
 SCHEDULES = ("constant", "cosine")
 
 
@@ -15,11 +17,12 @@ def warmup_then(schedule: str, warmup_steps: int, total_steps: int | None = None
         cosine   t >= W:  m + (1 - m) · ½ (1 + cos(π · (t - W) / (T - W)))
     """
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        raise InvalidValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        raise InvalidValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     if schedule == "cosine" and (total_steps is None or total_steps <= warmup_steps):
-        raise ValueError(f"a cosine schedule needs total steps > warmup_steps, got {total_steps} and {warmup_steps}")
+        raise InvalidValueError(
+            f"a cosine schedule needs total steps > warmup_steps, got {total_steps} and {warmup_steps}")
 
     def factor(step: int) -> float:
         if step < warmup_steps:

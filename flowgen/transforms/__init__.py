@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowgen.errors import InvalidValueError
 from flowgen.transforms.splines import num_spline_params, rational_quadratic_spline
 
 AFFINE_SCALES = ("sigmoid", "tanh", "exp")
@@ -103,11 +104,11 @@ class Affine(ElementwiseTransform):
                  learn_alpha: bool = True):
         super().__init__()
         if scale not in AFFINE_SCALES:
-            raise ValueError(f"unknown affine scale {scale!r}; choose one of {', '.join(AFFINE_SCALES)}")
+            raise InvalidValueError(f"unknown affine scale {scale!r}; choose one of {', '.join(AFFINE_SCALES)}")
         self.scale = scale
         if scale == "tanh":
             if not float(alpha) > 0:
-                raise ValueError(f"the tanh scale's alpha must be > 0, got {alpha!r}")
+                raise InvalidValueError(f"the tanh scale's alpha must be > 0, got {alpha!r}")
             initial = torch.full(tuple(alpha_shape), float(alpha))
             if learn_alpha:
                 self.alpha = nn.Parameter(initial)
@@ -152,7 +153,7 @@ class Spline(ElementwiseTransform):
     def __init__(self, bins: int = 8, bound: float = 3.0):
         super().__init__()
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2 or not float(bound) > 0:
-            raise ValueError(f"a spline needs spline_bins >= 2 and spline_bound > 0, got {bins!r} and {bound!r}")
+            raise InvalidValueError(f"a spline needs spline_bins >= 2 and spline_bound > 0, got {bins!r} and {bound!r}")
         self.bins, self.bound = bins, float(bound)
         self.num_params = num_spline_params(bins)
 
@@ -182,5 +183,5 @@ TRANSFORMS: dict[str, type[ElementwiseTransform]] = {"affine": Affine, "additive
 def make_transform(name: str, options: TransformOptions | None = None) -> ElementwiseTransform:
     """The transform registered as ``name``, built from the options it reads."""
     if name not in TRANSFORMS:
-        raise ValueError(f"unknown transform {name!r}; choose one of {', '.join(TRANSFORMS)}")
+        raise InvalidValueError(f"unknown transform {name!r}; choose one of {', '.join(TRANSFORMS)}")
     return TRANSFORMS[name].from_options(options or TransformOptions())

@@ -34,6 +34,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from flowgen.errors import InvalidValueError
+
 MIN_BIN = 1e-3  # smallest bin width / height, as a fraction of 2B
 MIN_SLOPE = 1e-3
 # softplus(u + SLOPE_SHIFT) + MIN_SLOPE == 1 at u = 0
@@ -84,9 +86,9 @@ def rational_quadratic_spline(
     ``derivative=False`` it is not computed (None), for callers that want the map alone.
     """
     if bound <= 0:
-        raise ValueError(f"spline bound must be > 0, got {bound}")
+        raise InvalidValueError(f"spline bound must be > 0, got {bound}")
     if slopes.shape[-1] != widths.shape[-1] - 1 or heights.shape[-1] != widths.shape[-1]:
-        raise ValueError(f"spline parameters need K widths, K heights, K-1 slopes; got {widths.shape[-1]}, "
+        raise InvalidValueError(f"spline parameters need K widths, K heights, K-1 slopes; got {widths.shape[-1]}, "
                          f"{heights.shape[-1]}, {slopes.shape[-1]}")
     inside = (inputs >= -bound) & (inputs <= bound)
     x = inputs.clamp(-bound, bound)  # tails are the identity; the spline sees in-range values only
