@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,9 @@ def test_model_data_dequantization_combinations_instantiate(tmp_path, data, mode
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiments_set_paper_models(tmp_path, experiment):
     cfg = compose_train(tmp_path, [f"experiment={experiment}"])
-    model = instantiate(cfg.model)
+    # the paper widths take minutes to initialise on a CPU: the model is built as configured but narrow
+    narrow = {"flowgen.models.TarFlow": "model.width=24"}.get(cfg.model._target_, "model.hidden_channels=8")
+    model = instantiate(compose_train(tmp_path, [f"experiment={experiment}", narrow]).model)
     assert sum(p.numel() for p in model.parameters()) > 0
     if experiment == "glow_cifar10":
         assert (cfg.model.levels, cfg.model.steps, cfg.model.hidden_channels) == (3, 32, 512)
@@ -75,6 +78,12 @@ def test_experiments_set_paper_models(tmp_path, experiment):
         assert cfg.data.name == "cifar10" and cfg.data.n_bits == 8 and cfg.data.hflip
     if experiment == "glow_celeba64":
         assert cfg.data.n_bits == 5 and cfg.model.coupling == "additive" and cfg.data.image_size == 64
+    if experiment == "glow_celebahq256":  # openai/glow README: --n_level 6 --depth 32 --flow_coupling 0 --n_bits_x 5
+        assert (cfg.model.levels, cfg.model.steps, cfg.model.hidden_channels) == (6, 32, 512)
+        assert cfg.model.coupling == "additive" and cfg.data.n_bits == 5 and cfg.data.image_size == 256
+        assert cfg.data.name == "folder" and cfg.data.batch_size * cfg.trainer.accumulate_grad_batches == 40
+    if experiment == "realnvp_cifar10":
+        assert cfg.preprocessing.logit_alpha == 0.05 and cfg.optimizer._target_ == "torch.optim.Adam"
 
 
 def test_default_is_a_small_glow_on_digits(tmp_path):
@@ -122,3 +131,68 @@ def test_learning_rate_scaling_rules():
 def test_lr_scaling_is_off_by_default_and_based_on_the_per_device_batch(tmp_path):
     cfg = compose_train(tmp_path, ["data.batch_size=32"])
     assert cfg.lr_scaling.rule == "none" and cfg.lr_scaling.base_batch_size == 32
+
+
+def _leaves(node: dict, prefix: str = "") -> dict:
+    """{"a.b.c": value} for every leaf of a nested dict (lists are leaves)."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_each_experiment_composes_and_states_only_what_differs(tmp_path, experiment):
+    """An experiment composes and passes every check, and each value it sets differs from what its group
+    choices (model, data, optimizer, ...) and train.yaml would give without it (issue 19)."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from flowgen.checks import validated
+
+    text = yaml.safe_load((CONFIGS / "experiment" / f"{experiment}.yaml").read_text())
+    extra = ["data.path=/some/images"] if {"override /data": "folder"} in text.get("defaults", []) else []
+    cfg = validated(compose_train(tmp_path, [f"experiment={experiment}", *extra]))
+    choices = [f"{k.removeprefix('override /')}={v}" for d in text.get("defaults", []) for k, v in d.items()]
+    baseline = validated(compose_train(tmp_path, [*choices, *extra]))
+    restated = []
+    for key, value in _leaves({k: v for k, v in text.items() if k != "defaults"}).items():
+        assert OmegaConf.select(cfg, key) == value, key
+        if OmegaConf.select(baseline, key, default="<absent>") == value:
+            restated.append(key)
+    assert not restated, f"{experiment} restates what its configs already give: {restated}"
+
+
+def test_realnvp_regularises_only_the_scale_parameters(tmp_path):
+    """experiment=realnvp_cifar10: the L2 (weight decay) reaches the couplings' scale bounds alpha and the
+    conditioners' output log-scales, and no other parameter (section 4.1: weight-scale parameters only)."""
+    from flowgen.checks import validated
+
+    cfg = validated(compose_train(tmp_path, ["experiment=realnvp_cifar10", "model.hidden_channels=8",
+                                             "model.num_blocks=1"]))  # narrower: the same parameter names
+    module = build_module(cfg, 256)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, torch.optim.Adam) and len(optimizer.param_groups) == 2
+    names = {id(p): n for n, p in module.named_parameters()}
+    decayed, kept = ([names[id(p)] for p in g["params"]] for g in optimizer.param_groups)
+    assert optimizer.param_groups[0]["weight_decay"] == pytest.approx(2 * 5e-5 / (3 * 32 * 32 * math.log(2)), rel=1e-3)
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert decayed and all(n.endswith((".transform.alpha", ".logs")) for n in decayed)
+    assert not any(n.endswith((".transform.alpha", ".logs")) for n in kept)
+    assert len(decayed) + len(kept) == sum(1 for p in module.model.parameters() if p.requires_grad)
+    assert module.model.alpha == 0.05  # and it models the logit of the pixels
+
+
+def test_weight_decay_params_that_match_nothing_are_one_line(tmp_path):
+    from flowgen.errors import UserError
+
+    cfg = compose_train(tmp_path, ["optimizer.weight_decay=0.1", "optimizer.weight_decay_params=[*.nothing]"])
+    with pytest.raises(UserError, match=r"optimizer.weight_decay_params: '\*.nothing' matches no trained parameter"):
+        build_module(cfg, 17).configure_optimizers()
+    cfg = compose_train(tmp_path)  # without patterns: one group, every parameter
+    module = build_module(cfg, 17)
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    assert len(groups) == 1 and len(groups[0]["params"]) == len(list(module.model.parameters()))
