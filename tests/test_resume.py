@@ -1,5 +1,9 @@
 """Resume continues the run (flowgen/cli/resume.py): its directory, its saved configuration, the command
-line on top; architecture and data changes refused in one line; Ctrl-C/kill keep the current step."""
+line on top; architecture and data changes refused in one line; Ctrl-C/kill keep the current step.
+
+Tests of: flowgen/checkpoints/run_dir.py, flowgen/training/final_checkpoint.py,
+flowgen/training/final_validation.py, flowgen/training/stop_signals.py.
+"""
 
 from __future__ import annotations
 
@@ -63,6 +67,8 @@ def test_a_group_choice_replaces_that_group(tmp_path):
     (["dequantization=variational"], "dequantization._target_"),
     (["optimizer._target_=torch.optim.Adam"], "optimizer._target_: torch.optim.AdamW -> torch.optim.Adam"),
     (["data.hflip=true"], "data.hflip: False -> True"),
+    (["preprocessing.logit_alpha=0.05"], "preprocessing.logit_alpha: None -> 0.05"),  # the model's input
+    (["optimizer.weight_decay_params=[*.logs]"], "optimizer.weight_decay_params"),  # the optimizer's groups
 ])
 def test_architecture_and_data_changes_are_refused_listing_the_keys(tmp_path, overrides, listed):
     saved = _saved(tmp_path, ["model.coupling=spline", "model.steps=2"])
