@@ -2,6 +2,8 @@
 
 float64, tiny D, perturbed weights: exact inverses, log-determinants against the full autograd Jacobian,
 the autoregressive (triangular) structure, MADE's masks, and how many conditioner passes each direction costs.
+
+Tests of: flowgen/benchmark/autoregressive.py.
 """
 
 from __future__ import annotations

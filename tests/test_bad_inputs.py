@@ -3,6 +3,8 @@
 Run in process through the same path as ``python train.py`` (compose, then ``run_reporting_errors``);
 tests/test_train.py and tests/test_crash_safety.py run a few of them as real subprocesses.
 README "Troubleshooting" lists the same cases.
+
+Tests of: flowgen/cli/run_files.py.
 """
 
 from __future__ import annotations

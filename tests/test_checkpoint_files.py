@@ -2,6 +2,8 @@
 
 Each kind of bad file is written into tmp_path and passed to ``load_checkpoint``; a few go the whole way
 through ``sample.py``'s path in process, and one through the real ``python sample.py``.
+
+Tests of: flowgen/checkpoints/diagnosis.py.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 The real loaders (torchvision's classes, our npz / folder / digits readers) read them, so a
 format mistake fails here and not three hours into a cluster job. Nothing touches the
 network: an autouse fixture makes every socket connection fail.
+
+Tests of: flowgen/data/datamodule.py, flowgen/data/digits.py, flowgen/data/folder.py, flowgen/data/imagenet_oord.py,
+flowgen/data/splits.py, flowgen/data/torchvision_sets.py, flowgen/data/transforms.py.
 """
 
 from __future__ import annotations

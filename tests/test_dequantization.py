@@ -1,4 +1,7 @@
-"""Dequantization: uniform and Flow++ variational q(u|x) — contract, exactness, density, configs."""
+"""Dequantization: uniform and Flow++ variational q(u|x) — contract, exactness, density, configs.
+
+Tests of: flowgen/dequantization/base.py, flowgen/dequantization/uniform.py, flowgen/dequantization/variational.py.
+"""
 
 from __future__ import annotations
 

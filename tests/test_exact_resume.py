@@ -1,4 +1,7 @@
-"""Exact resume: N steps, stop, resume to 2N == 2N steps straight, bit for bit (CPU, deterministic)."""
+"""Exact resume: N steps, stop, resume to 2N == 2N steps straight, bit for bit (CPU, deterministic).
+
+Tests of: flowgen/training/rng.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Every invertible layer: exact inverse and log|det J| against the full autograd Jacobian (float64)."""
+"""Every invertible layer: exact inverse and log|det J| against the full autograd Jacobian (float64).
+
+Tests of: flowgen/flows/coupling.py, flowgen/flows/invconv.py, flowgen/flows/permutation.py, flowgen/flows/squeeze.py.
+"""
 
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ gradient elements times 1e-7..1e-6, which no relative test can compare.
 Models get a small perturbation of every parameter before ActNorm's data-dependent init (as
 in test_models.py): with the zero-initialised last layers untouched, most gradients would be
 exactly zero or round-off of the same kind.
+
+Tests of: flowgen/flows/memory.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Glow and RealNVP: exact inverse and log-det over the option space, priors, sampling, validation."""
+"""Glow and RealNVP: exact inverse and log-det over the option space, priors, sampling, validation.
+
+Tests of: flowgen/flows/split.py, flowgen/models/glow.py, flowgen/models/multiscale.py, flowgen/models/realnvp.py,
+flowgen/models/validation.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""NaN/Inf steps are skipped, never saved, and stop training with a clear error; the invertibility monitor."""
+"""NaN/Inf steps are skipped, never saved, and stop training with a clear error; the invertibility monitor.
+
+Tests of: flowgen/training/invertibility.py.
+"""
 
 from __future__ import annotations
 

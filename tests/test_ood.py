@@ -1,4 +1,7 @@
-"""Out-of-distribution scoring: evaluate.py's per-image CSV, typicality (flowgen.ood) and scripts/ood_histogram.py."""
+"""Out-of-distribution scoring: evaluate.py's per-image CSV, typicality (flowgen.ood) and scripts/ood_histogram.py.
+
+Tests of: flowgen/cli/typical_set.py.
+"""
 
 from __future__ import annotations
 

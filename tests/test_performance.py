@@ -1,5 +1,8 @@
 """Speed settings change no number: NHWC conditioners, folded ActNorm convolutions, torch.compile;
-and the benchmark harness measures what it says (scripts/benchmark.py)."""
+and the benchmark harness measures what it says (scripts/benchmark.py).
+
+Tests of: flowgen/benchmark/compare.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""sample.py and evaluate.py as subprocesses on checkpoints trained for a few steps (tests/conftest.py)."""
+"""sample.py and evaluate.py as subprocesses on checkpoints trained for a few steps (tests/conftest.py).
+
+Tests of: flowgen/checkpoints/run_dir.py.
+"""
 
 from __future__ import annotations
 

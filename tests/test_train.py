@@ -1,4 +1,7 @@
-"""train.py end to end as a subprocess: outputs, resume, and one-line errors."""
+"""train.py end to end as a subprocess: outputs, resume, and one-line errors.
+
+Tests of: flowgen/training/module.py, flowgen/training/samples.py, flowgen/training/schedules.py.
+"""
 
 from __future__ import annotations
 

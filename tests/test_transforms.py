@@ -1,6 +1,9 @@
 """Elementwise transforms (flowgen/transforms.py): every registered transform, with random parameters,
 is a monotone bijection whose log-derivative is the autograd derivative's log and whose inverse,
-``invert`` and inverse log-derivative agree.  A new transform is one case in CASES."""
+``invert`` and inverse log-derivative agree.  A new transform is one case in CASES.
+
+Tests of: flowgen/transforms/splines.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""What the entry points call: compose, build, run, report."""
+"""What the entry points call: compose, build, run, report.
+
+Owns: every entry point's body (train, resume, sample, evaluate, manipulate, OOD histogram, playground,
+benchmark, device check), Hydra run directories, the run lock, sweeps' results, loggers and one-line errors.
+May import: everything in flowgen. Nothing in flowgen imports it.
+"""
 
 import os
 from datetime import datetime

@@ -1,4 +1,8 @@
-"""Invertible layers with the uniform contract forward(x, cond) -> (z, logdet), inverse(z, cond) -> (x, logdet)."""
+"""Invertible layers with the uniform contract forward(x, cond) -> (z, logdet), inverse(z, cond) -> (x, logdet).
+
+Owns: the invertible layers and their equations. May import: ``flowgen.transforms``, ``flowgen.errors``,
+``flowgen.checks``, torch and einops; never dequantization, models, training or anything above.
+"""
 
 from flowgen.flows.actnorm import ActNorm
 from flowgen.flows.autoregressive import DIRECTIONS, MADE, MaskedAutoregressive, MaskedLinear

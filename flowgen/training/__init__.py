@@ -1,4 +1,9 @@
-"""Lightning training: the flow module, EMA, learning-rate schedules and callbacks."""
+"""Lightning training: the flow module, EMA, learning-rate schedules and callbacks.
+
+Owns: the LightningModule (the objective, validation, optimisation), EMA, schedules and every callback.
+May import: the model contract, dequantization, likelihood, evaluation, sampling, latents, sample quality,
+performance, checkpoints; never config, build or cli.
+"""
 
 from flowgen.training.diagnostics import FlowDiagnostics
 from flowgen.training.invertibility import InvertibilityMonitor

@@ -25,6 +25,8 @@ A log-derivative that is identically zero (additive) is returned as None, so tha
 skip a pass over the activations.  The arithmetic runs in the dtype of x; callers keep it in
 float32 (autocast off) as the numerics policy asks.  Adding a transform is one class here,
 one entry in ``TRANSFORMS`` and one case in tests/test_transforms.py.
+
+May import: torch, ``flowgen.errors``, ``flowgen.checks``; imported by flows, models, the playground and the schemas.
 """
 
 from __future__ import annotations
