@@ -18,7 +18,7 @@ from flowgen.likelihood import (
     logit_map,
     quantize,
 )
-from flowgen.models import RealNVP, TarFlow
+from flowgen.models import Glow, RealNVP, TarFlow
 from flowgen.models.base import FlowModel, LogProbParts
 from flowgen.models.preprocessed import TERM, LogitPreprocessed, with_preprocessing
 from flowgen.sampling import sample_pixels, sampling_options
@@ -93,10 +93,19 @@ def test_pixels_to_logits_and_back(num_levels, alpha):
         assert torch.allclose(inverse_logit_map(logit_map(y, alpha)[0], alpha), y, rtol=0, atol=3e-8)
 
 
-def test_wrapped_model_round_trips_through_latents():
-    """x -> y -> model.forward -> latents -> model.invert -> quantize == x, for a real family."""
+FAMILIES = {
+    "realnvp": lambda: RealNVP(1, 8, scales=1, hidden_channels=4, num_blocks=1),
+    "glow": lambda: Glow(1, 8, levels=2, steps=1, hidden_channels=4),
+    "tarflow": lambda: TarFlow(1, 8, patch_size=2, width=16, num_blocks=2, layers_per_block=1, num_heads=1),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_wrapped_model_round_trips_through_latents(family):
+    """x -> y -> model.forward -> latents -> model.invert -> quantize == x, and log p(y) = log p_flow(z) +
+    log|det ∂z/∂y| term by term, for every family (float64, perturbed weights)."""
     torch.manual_seed(0)
-    model = LogitPreprocessed(RealNVP(1, 8, scales=1, hidden_channels=4, num_blocks=1), 0.05).double().eval()
+    model = LogitPreprocessed(FAMILIES[family](), 0.05).double().eval()
     for p in model.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
     x = torch.randint(0, 256, (3, 1, 8, 8))
@@ -267,3 +276,23 @@ def test_logit_and_gaussian_noise_are_refused_together(tmp_path):
     cfg = compose_train(tmp_path, ["model=tarflow", "model.noise_std=0.025", "preprocessing.logit_alpha=0.05"])
     with pytest.raises(UserError, match="preprocessing.logit_alpha=0.05 needs pixels inside"):
         build_module(cfg, 17)
+
+
+def test_training_loss_and_estimates_gain_the_log_det_only_when_they_are_likelihoods():
+    """A family's training_loss / log_prob_estimate on z: a likelihood gains log|det ∂z/∂y|; a loss that is no
+    likelihood (a CNF's flow matching) is the flow's own, computed on z."""
+    from flowgen.models.base import TrainingLoss
+
+    class Regression(ElementwiseFlow):
+        def training_loss(self, y, labels=None):
+            return TrainingLoss(loss=(y**2).flatten(1).mean(1), name="flow_matching")
+
+    y = torch.rand(3, 1, 2, 2, dtype=torch.float64) - 0.5
+    z, logdet = logit_map(y, 0.05)
+    model = LogitPreprocessed(ElementwiseFlow((1, 2)), 0.05)
+    assert torch.allclose(model.training_loss(y).log_prob, model.flow.log_prob(z) + logdet)
+    estimate = model.log_prob_estimate(y)
+    assert torch.allclose(estimate.log_prob, model.log_prob(y)) and not estimate.std_error.any()
+    loss = LogitPreprocessed(Regression((1, 2)), 0.05).training_loss(y)
+    assert loss.log_prob is None and loss.name == "flow_matching"
+    assert torch.allclose(loss.loss, (z**2).flatten(1).mean(1))
