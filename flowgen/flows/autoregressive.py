@@ -211,29 +211,23 @@ class MaskedAutoregressive(Flow):
             return self.transform.invert(w, params), None
 
     # -- the layer contract ------------------------------------------------------------------------
+    def _map(self, v, cond, one_pass: bool, derivative: bool):
+        """The transform of v in one pass (given every input, the parameters are exact at once) or in D."""
+        self._check(v)
+        return (self._one_pass if one_pass else self._sequential)(v, cond, derivative=derivative)
+
     def forward(self, x, cond=None):
         """x → z: MAF in one pass, IAF in D passes; logdet = log|det ∂z/∂x| (module docstring)."""
-        self._check(x)
-        if self.direction == "maf":
-            z, log_derivative = self._one_pass(x, cond, derivative=True)
-        else:
-            z, log_derivative = self._sequential(x, cond, derivative=True)
+        z, log_derivative = self._map(x, cond, one_pass=self.direction == "maf", derivative=True)
         with no_autocast(x):
             return z, self._logdet(x, log_derivative)
 
     def inverse(self, z, cond=None):
         """z → x: MAF in D passes, IAF in one pass; logdet = log|det ∂x/∂z| = minus forward's."""
-        self._check(z)
-        if self.direction == "maf":
-            x, log_derivative = self._sequential(z, cond, derivative=True)
-        else:
-            x, log_derivative = self._one_pass(z, cond, derivative=True)
+        x, log_derivative = self._map(z, cond, one_pass=self.direction == "iaf", derivative=True)
         with no_autocast(z):
             return x, self._logdet(z, log_derivative)
 
     def invert(self, z, cond=None):
         """x alone (sampling): the transform's ``invert`` (MAF) or forward value (IAF), no log-derivative sum."""
-        self._check(z)
-        if self.direction == "maf":
-            return self._sequential(z, cond, derivative=False)[0]
-        return self._one_pass(z, cond, derivative=False)[0]
+        return self._map(z, cond, one_pass=self.direction == "iaf", derivative=False)[0]
