@@ -48,11 +48,12 @@ The density of y is then p_Y(y) = p_Z(z) · |det ∂z/∂y|, so every bound abov
 (``LogitPreprocessed`` in flowgen/models/preprocessed.py puts this term into the model's
 ``log_prob``, so every consumer of the model contract counts it).  Sampling runs the map backwards:
 y = (σ(z) - α)/(1 - 2α) - 1/2, then ``quantize``.  Σ_x P(x) is the mass p_Z puts on the box
-[logit α, logit(1 - α)]^D, at most 1: the mass outside is never counted, so bpd stays an upper
-bound on the code length of a proper distribution (a standard-logistic p_Z scores log2 K -
-log2(1 - 2α) bits per dimension: p_Y = (1 - 2α)^D on the whole cube).
+[logit α, logit(1 - α)]^D, at most 1: the mass outside is never counted, so the bpd is that of a
+sub-normalised P, never below the bpd of P renormalised (a standard-logistic p_Z has p_Y = (1 - 2α)^D
+on the whole cube and scores log2 K - log2(1 - 2α) bits per dimension).  The map is computed in
+float64 (``logit_map``).
 
-Every quantity here is computed in float32 (float64 if given float64).
+Every other quantity here is computed in float32 (float64 if given float64).
 """
 
 from __future__ import annotations
