@@ -25,6 +25,7 @@ from flowgen.build import restore_run
 from flowgen.cli.errors import run_reporting_errors
 from flowgen.data import ImageDataModule
 from flowgen.dequantization import UniformDequantization
+from flowgen.errors import UserError
 from flowgen.models import Glow
 from flowgen.sample_quality import (
     SampleQuality,
@@ -242,3 +243,9 @@ def test_the_inception_network_loads_from_a_file_and_gives_pool3_features(tmp_pa
     assert gray.shape == color.shape == (2, 2048) and torch.isfinite(color).all()
     quality = SampleQuality(network, ["fid"])
     assert measure(quality, iter([torch.rand(3, 3, 16, 16)]), iter([torch.rand(3, 3, 16, 16)]))["fid"] > 0
+
+
+def test_the_callback_needs_the_weights_when_it_is_made(monkeypatch, tmp_path):
+    offline(monkeypatch, tmp_path)  # made before the run writes anything: train.py leaves no run directory
+    with pytest.raises(UserError, match=r"cannot be downloaded .* callbacks\.fid\.weights=/path/to/weights-inception"):
+        SampleQualityMonitor()

@@ -34,8 +34,9 @@ class SampleQualityMonitor(L.Callback):
     two values), and the pass runs under ``fork_rng``: training's RNG streams, its weights and its
     modes are untouched, so a run resumes bit for bit with or without this callback.
 
-    Every rank loads the Inception weights at the start of fitting, so that a missing file stops every
-    rank at once, in one line, before the first step. ``feature``: a stand-in network (tests).
+    Every process loads the Inception weights when the callback is made, so that a missing file stops
+    every rank at once, in one line, before the run writes anything; ranks other than 0 drop the network
+    when fitting starts. ``feature``: a stand-in network (tests).
     """
 
     def __init__(self, every_n_steps: int = 5000, metrics: Sequence[str] = ("fid",), num_samples: int = 1000,
@@ -61,7 +62,7 @@ class SampleQualityMonitor(L.Callback):
         self.weights = weights
         self.kid_subsets = kid_subsets
         self.kid_subset_size = kid_subset_size
-        self.feature = feature
+        self.feature = feature if feature is not None else inception_network(weights, option=f"{OPTION}.weights")
         self._quality: SampleQuality | None = None
         self._last_step = -1  # with gradient accumulation several batches end at the same global step
         self.last_metrics: dict[str, float] = {}
@@ -77,9 +78,8 @@ class SampleQualityMonitor(L.Callback):
         if num_real < 2:
             raise UserError(f"{OPTION}.split={self.split}: the data has no {self.split} images to compare the samples "
                             "with; choose another split")
-        if self.feature is None:
-            feature = inception_network(self.weights, option=f"{OPTION}.weights")
-            self.feature = feature if trainer.is_global_zero else None
+        if not trainer.is_global_zero:
+            self.feature = None  # rank 0 measures alone
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
