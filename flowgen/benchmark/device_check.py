@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -145,7 +146,7 @@ def time_limit(seconds: float) -> Iterator[None]:
         return
 
     def expire(signum, frame):
-        raise StepTimeout(f"ran out of its {seconds:.0f} s budget")
+        raise StepTimeout(f"ran out of its {seconds:.3g} s budget")
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
@@ -188,7 +189,7 @@ def run_steps(steps: list[Step], total_budget_s: float, report: Callable[[StepRe
     results = []
     for step in steps:
         budget = min(step.budget_s, total_budget_s - (time.monotonic() - start))
-        if budget < 1:
+        if budget < min(1.0, step.budget_s):  # no step is started with less than a second left
             result = StepResult(step.name, "not run", 0.0, step.budget_s, error="the check's total budget is spent")
         else:
             began = time.monotonic()
@@ -227,9 +228,12 @@ def variant(cfg: DictConfig, **values) -> DictConfig:
 
 # -- step: the CUDA-only tests -----------------------------------------------------------------------
 
+_GPU_MARK = re.compile(r"^(@pytest\.mark\.gpu\b|pytestmark\b.*\bpytest\.mark\.gpu\b)", re.MULTILINE)
+
+
 def gpu_test_files(tests_dir: Path) -> list[Path]:
-    """The test modules that mark tests with ``pytest.mark.gpu``."""
-    return sorted(p for p in tests_dir.glob("test_*.py") if "pytest.mark.gpu" in p.read_text())
+    """The test modules that mark a test (``@pytest.mark.gpu``) or themselves (``pytestmark``) with ``gpu``."""
+    return sorted(p for p in tests_dir.glob("test_*.py") if _GPU_MARK.search(p.read_text()))
 
 
 def junit_counts(xml_file: Path) -> dict:
