@@ -26,7 +26,7 @@ from flowgen.cli.errors import run_reporting_errors
 from flowgen.data import ImageDataModule
 from flowgen.dequantization import UniformDequantization
 from flowgen.errors import UserError
-from flowgen.models import Glow
+from flowgen.models import Glow, TarFlow
 from flowgen.sample_quality import (
     SampleQuality,
     as_network_input,
@@ -38,6 +38,7 @@ from flowgen.sample_quality import (
 )
 from flowgen.training import FlowModule
 from flowgen.training.sample_quality import SampleQualityMonitor
+from tests.conftest import perturb_parameters
 from tests.train_runner import REPO
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -102,6 +103,27 @@ def test_real_images_take_a_seeded_subset():
     assert subset.shape == (20, 1, 1, 1) and torch.equal(subset, again)
     assert len(set((subset * 49).round().flatten().tolist())) == 20
     assert torch.cat(list(real_images(dataset, 50, batch_size=64))).shape[0] == 50
+
+
+def test_generated_images_pass_the_model_options_and_draw_every_class():
+    torch.manual_seed(0)
+    model = TarFlow(1, 8, 2, 16, 2, 1, 2, num_classes=3, noise_std=0.1).eval()
+    perturb_parameters(model, std=0.05)
+    rng = torch.get_rng_state()
+
+    def draw(**options):
+        return torch.cat(list(generated_images(model, K, 6, 1.0, batch_size=4, seed=1, options=options)))
+
+    denoised, raw = draw(denoise=True), draw(denoise=False)
+    assert denoised.shape == (6, 1, 8, 8) and torch.equal(denoised, draw(denoise=True))  # seeded
+    assert not torch.equal(denoised, raw)  # the option reached TarFlow's sampler (a Tweedie step or none)
+    assert torch.equal(torch.get_rng_state(), rng)
+    labels = []
+    with pytest.MonkeyPatch.context() as patch:  # sample i comes from class i mod 3
+        patch.setattr(model, "sample", lambda n, temperature, y, generator, **kw: labels.append(y) or
+                      torch.zeros(n, 1, 8, 8))
+        draw()
+    assert torch.cat(labels).tolist() == [0, 1, 2, 0, 1, 2]
 
 
 # ---- the Inception weights: cache, configured file, offline ---------------------------------------
