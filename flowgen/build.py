@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from flowgen.checkpoints.legacy import upgrade_run_config, upgrade_state_dict
 from flowgen.checkpoints.reading import check_state_matches, load_checkpoint
 from flowgen.checkpoints.run_dir import CONFIG_FILE, find_checkpoint, run_dir_of
 from flowgen.data.registry import num_levels
@@ -144,7 +145,8 @@ def run_config(checkpoint: dict, ckpt: Path) -> DictConfig:
         raise UserError(f"checkpoint {ckpt}: {source} is not a flowgen run configuration (no "
                         f"{' or '.join(missing)} section); keep the checkpoint with the {CONFIG_FILE} train.py "
                         "wrote for it")
-    return cfg
+    # a run of an earlier flowgen names some settings as it did then (flowgen.checkpoints.legacy)
+    return OmegaConf.create(upgrade_run_config(OmegaConf.to_container(cfg)))
 
 
 def restore_run(ckpt_path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
@@ -162,8 +164,9 @@ def restore_run(ckpt_path: str | Path, use_ema: bool = True, device: str | torch
         module = build_module(cfg, num_levels, compile=False)
     except Exception as exc:  # noqa: BLE001 - any failure here means config and code disagree
         raise UserError(f"cannot rebuild the model of {ckpt} from its saved config: {exc}") from None
-    check_state_matches(checkpoint["state_dict"], module, ckpt)
-    module.load_state_dict(checkpoint["state_dict"], strict=True)
+    state = upgrade_state_dict(checkpoint["state_dict"], module.state_dict())
+    check_state_matches(state, module, ckpt)
+    module.load_state_dict(state, strict=True)
     module.to(device).eval()
     return RestoredRun(module=module, cfg=cfg, ckpt=ckpt, run_dir=run_dir_of(ckpt), use_ema=use_ema, which=note)
 

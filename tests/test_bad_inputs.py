@@ -67,7 +67,7 @@ def image_folders(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model=glow", "model.levels=4"], "image_size=8 is not divisible by 16"),
+    (["model=glow", "model.scales=4"], "image_size=8 is not divisible by 16"),
     (["data=cifar10", "data.n_bits=9"], "data.n_bits=9 must be in [1, 8]"),
     (["data=cifar10", "data.download=false"], "cifar10 files not found in"),
     (["data.batch_size=0"], "data.batch_size=0 must be >= 1"),

@@ -191,8 +191,8 @@ def test_a_checkpoint_without_its_run_configuration(tmp_path):
         run_config(checkpoint, path)
     assert "is a Lightning checkpoint without its run configuration" in str(error.value)
     assert "no config.yaml was found" in str(error.value)
-    (path.parent / "config.yaml").write_text("model:\n  levels: 2\ndata:\n  n_bits: 5\n")
-    assert run_config(checkpoint, path).model.levels == 2
+    (path.parent / "config.yaml").write_text("model:\n  scales: 2\ndata:\n  n_bits: 5\n")
+    assert run_config(checkpoint, path).model.scales == 2
     (path.parent / "config.yaml").write_text("model: [unclosed\n")
     with pytest.raises(UserError, match="is not valid YAML"):
         run_config(checkpoint, path)

@@ -47,7 +47,7 @@ def images(n: int = 16, size: int = 8) -> torch.Tensor:
 
 def small_models() -> dict:
     return {
-        "glow": lambda: Glow(3, 8, levels=2, steps=2, hidden_channels=32),
+        "glow": lambda: Glow(3, 8, scales=2, steps=2, hidden_channels=32),
         "realnvp": lambda: RealNVP(3, 8, scales=2, hidden_channels=16, num_blocks=2),
         "tarflow": lambda: TarFlow(3, 8, patch_size=2, width=64, num_blocks=2, layers_per_block=2, num_heads=4),
     }

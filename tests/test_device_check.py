@@ -1,5 +1,9 @@
 """scripts/device_check.py: its dry run on the CPU (every step but compilation, in process), the step runner's
-budgets and failures, the pytest report it reads, its synthetic images and its command-line mistakes."""
+budgets and failures, the pytest report it reads, its synthetic images and its command-line mistakes; and
+scripts/reproduction_table.py's FLOP counts and GPU-hours.
+
+Tests of: flowgen/cli/reproduction_table.py.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from flowgen.benchmark.device_check import (
 )
 from flowgen.benchmark.reproduction import gpu_hours, training_flops_per_image, training_images_per_epoch
 from flowgen.cli import device_check as cli
+from flowgen.cli import reproduction_table
 from tests.train_runner import REPO
 
 # (its marks are written in by stand_in_tests, so that this file is not itself found as a GPU test file)
@@ -149,7 +154,7 @@ def test_an_output_that_already_holds_a_check_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("experiment, overrides", [
-    ("glow_cifar10", ("data.image_size=8", "model.levels=2", "model.steps=3", "model.hidden_channels=8")),
+    ("glow_cifar10", ("data.image_size=8", "model.scales=2", "model.steps=3", "model.hidden_channels=8")),
     ("tarflow_cifar10", ("data.image_size=8", "model.width=16", "model.num_blocks=3", "model.layers_per_block=1",
                          "model.num_heads=2")),
 ])
@@ -163,8 +168,21 @@ def test_flops_extrapolated_from_depths_one_and_two_equal_the_full_count(tmp_pat
 
 def test_gpu_hours_arithmetic_and_training_images(tmp_path):
     assert gpu_hours(1e9, 1000, 10, utilisation=0.5, peak_flops=1e12) == pytest.approx(1e13 / 5e11 / 3600)
-    cfg = cli.experiment_composer(tmp_path)("glow_cifar10", ())
+    compose = cli.experiment_composer(tmp_path)
+    cfg = compose("glow_cifar10", ())
     assert training_images_per_epoch(cfg) == 50_000 - int(cfg.data.val_size)
+    cfg = compose("glow_celebahq256", ())  # data=folder holds out a validation and a test set
+    assert training_images_per_epoch(cfg) == 30_000 - 2 * round(float(cfg.data.val_size) * 30_000)
+
+
+def test_the_reproduction_table_row_of_realnvp(capsys):
+    table = reproduction_table.main(["realnvp_cifar10"])
+    row = next(line for line in table.splitlines() if "`experiment=realnvp_cifar10`" in line)
+    cells = [cell.strip() for cell in row.split("|")[1:-1]]
+    assert cells[1].startswith("3.49 (Dinh et al. 2017, Table 1)")
+    images, epochs = (int(v.replace(",", "")) for v in cells[3].split(" x "))
+    assert float(cells[4]) == pytest.approx(float(cells[2].replace(",", "")) * 1e9 * images * epochs, rel=0.01)
+    assert float(cells[5]) == pytest.approx(gpu_hours(float(cells[4]), 1, 1), rel=0.01)  # FLOPs / rate
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ K = 17  # the digits' number of levels
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 MODELS = {
-    "glow": lambda: Glow(1, 8, levels=2, steps=2, hidden_channels=8, num_classes=10),
+    "glow": lambda: Glow(1, 8, scales=2, steps=2, hidden_channels=8, num_classes=10),
     "realnvp": lambda: RealNVP(1, 8, scales=2, hidden_channels=8, num_blocks=1),
 }
 
@@ -56,7 +56,7 @@ def test_parts_add_up_to_the_bpd_exactly(name):
         expected = bits_per_dim(log_likelihood_bound(model.log_prob(y, labels), num_dims, K, log_q), num_dims).mean()
     assert d["diagnostics/bpd"] == pytest.approx(float(expected), rel=1e-12)
     assert d["diagnostics/dequantization_bpd"] == pytest.approx(math.log2(K) + float(log_q.mean()) / (64 * math.log(2)))
-    levels = range(len(model.levels))
+    levels = range(len(model.scales))
     total = (sum(d[f"diagnostics/scale{i}/logdet_bpd"] for i in levels)
              + d["diagnostics/bpd"] * sum(d[f"diagnostics/scale{i}/prior_bpd_fraction"] for i in levels)
              + d["diagnostics/dequantization_bpd"])
@@ -64,7 +64,7 @@ def test_parts_add_up_to_the_bpd_exactly(name):
     fractions = sum(v for k, v in d.items() if k.endswith("_bpd_fraction"))
     assert fractions + d["diagnostics/dequantization_bpd"] / d["diagnostics/bpd"] == pytest.approx(1.0, rel=1e-12)
 
-    for i, level in zip(levels, model.levels, strict=True):
+    for i, level in zip(levels, model.scales, strict=True):
         actnorm = torch.cat([m.log_scale.detach().flatten() for m in level if isinstance(m, ActNorm)])
         assert d[f"diagnostics/scale{i}/actnorm_log_scale_min"] == float(actnorm.min())
         assert d[f"diagnostics/scale{i}/actnorm_log_scale_max"] == float(actnorm.max())
@@ -92,7 +92,7 @@ def test_coupling_log_scales_sum_to_its_logdet(mask, parity, transform, scale):
 
 
 def test_additive_couplings_have_no_scale_to_report():
-    model = Glow(1, 8, levels=1, steps=1, hidden_channels=4, coupling="additive")
+    model = Glow(1, 8, scales=1, steps=1, hidden_channels=4, coupling="additive")
     initialize_actnorms(model, torch.rand(4, 1, 8, 8) - 0.5)
     model.eval()
     d = flow_diagnostics(model, torch.rand(4, 1, 8, 8) - 0.5, K)
@@ -107,7 +107,7 @@ def test_bad_settings_are_refused(bad):
 
 def _fit(tmp_path, memory: str, callbacks: list) -> torch.Tensor:
     torch.manual_seed(0)
-    model = Glow(in_channels=1, image_size=8, levels=2, steps=2, hidden_channels=8, memory=memory)
+    model = Glow(in_channels=1, image_size=8, scales=2, steps=2, hidden_channels=8, memory=memory)
     module = FlowModule(model=model, dequantizer=UniformDequantization(K), num_levels=K,
                         optimizer=partial(torch.optim.Adam, lr=1e-3))
     data = ImageDataModule(name="digits", image_size=8, channels=1, n_bits=None, num_levels=K, batch_size=16,

@@ -19,7 +19,7 @@ K = 17
 
 def flow_and_dequantizer(kind: str):
     torch.manual_seed(0)
-    model = Glow(in_channels=1, image_size=4, levels=2, steps=2, hidden_channels=8)
+    model = Glow(in_channels=1, image_size=4, scales=2, steps=2, hidden_channels=8)
     dequantizer = UniformDequantization(K) if kind == "uniform" else VariationalDequantization(K, channels=1,
                                                                                                 hidden_channels=8)
     perturb_parameters(model, std=0.05)

@@ -109,7 +109,7 @@ def test_alpha_zero_reconstructs_and_alpha_one_moves_by_the_direction(digits):
 def test_class_conditional_model_edits_without_labels():
     """Its forward asks for labels (the prior); the latents do not depend on them, so images without one edit too."""
     torch.manual_seed(0)
-    model = Glow(in_channels=1, image_size=4, levels=2, steps=2, hidden_channels=8, num_classes=3).double()
+    model = Glow(in_channels=1, image_size=4, scales=2, steps=2, hidden_channels=8, num_classes=3).double()
     y = torch.rand(6, 1, 4, 4, dtype=torch.float64) - 0.5
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     perturb_parameters(model)  # then ActNorm's init normalises the perturbed net: a well-conditioned map

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def glow(coupling="affine", permutation="lu", steps=3, hidden=16):
-    return lambda memory: Glow(in_channels=3, image_size=8, levels=2, steps=steps, hidden_channels=hidden,
+    return lambda memory: Glow(in_channels=3, image_size=8, scales=2, steps=steps, hidden_channels=hidden,
                                coupling=coupling, permutation=permutation, memory=memory)
 
 
@@ -298,7 +298,7 @@ def test_parameter_gradients_reach_autograd_hooks_and_accumulate():
 
 def test_unknown_memory_mode_is_one_clear_error():
     message = "unknown memory 'bogus'; choose one of standard, checkpoint, invertible"
-    for build in (lambda: Glow(in_channels=1, image_size=8, levels=2, steps=1, hidden_channels=4, memory="bogus"),
+    for build in (lambda: Glow(in_channels=1, image_size=8, scales=2, steps=1, hidden_channels=4, memory="bogus"),
                   lambda: RealNVP(in_channels=1, image_size=8, hidden_channels=4, num_blocks=0, memory="bogus"),
                   lambda: FlowSequence([], memory="bogus")):
         with pytest.raises(ValueError, match=message):
@@ -312,10 +312,10 @@ def test_memory_is_a_model_config_key(tmp_path):
     for model in ("glow", "glow_small", "realnvp", "realnvp_small"):
         cfg = compose_train(tmp_path, [f"model={model}"])
         assert cfg.model.memory == "standard"
-    cfg = compose_train(tmp_path, ["model=glow", "model.memory=invertible", "model.levels=2", "model.steps=2",
+    cfg = compose_train(tmp_path, ["model=glow", "model.memory=invertible", "model.scales=2", "model.steps=2",
                                    "model.hidden_channels=8"])
     model = instantiate(cfg.model)
-    assert all(level.memory == "invertible" for level in model.levels)
+    assert all(level.memory == "invertible" for level in model.scales)
     # the memory mode is not part of the weights: a checkpoint loads into a model built with either mode
     standard = instantiate(cfg.model, memory="standard")
     assert model.state_dict().keys() == standard.state_dict().keys()

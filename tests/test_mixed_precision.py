@@ -38,7 +38,7 @@ def trained_like(model_name: str) -> torch.nn.Module:
     """A small flow with non-trivial weights and ActNorm initialised on digits."""
     torch.manual_seed(0)
     if model_name == "glow":
-        model = Glow(in_channels=1, image_size=8, levels=2, steps=4, hidden_channels=32)
+        model = Glow(in_channels=1, image_size=8, scales=2, steps=4, hidden_channels=32)
     else:
         model = RealNVP(in_channels=1, image_size=8, scales=2, hidden_channels=32, num_blocks=2)
     perturb_parameters(model, std=0.02)

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 HELPER_CONFIGS = REPO / "tests" / "helpers" / "configs"
 
 FAMILIES = {
-    "glow": lambda: Glow(1, 4, levels=2, steps=1, hidden_channels=4, num_classes=3),
+    "glow": lambda: Glow(1, 4, scales=2, steps=1, hidden_channels=4, num_classes=3),
     "realnvp": lambda: RealNVP(1, 4, scales=2, hidden_channels=4, num_blocks=1),
     "pixelwise": lambda: PixelwiseFlow(1, 4, num_classes=3),
     "tarflow": lambda: TarFlow(1, 4, patch_size=2, width=8, num_blocks=2, layers_per_block=1, num_heads=2,
@@ -174,7 +174,7 @@ def test_a_class_conditional_tarflow_goes_through_every_tool(tmp_path):
 
 
 # attributes only a multi-scale flow has: nothing outside flowgen/models/ may read them from a model
-MULTISCALE_ATTRIBUTES = {"levels", "splits", "top_prior", "level_terms"}
+MULTISCALE_ATTRIBUTES = {"scales", "levels", "splits", "top_prior", "level_terms"}
 
 
 def _root_name(node: ast.AST) -> str:
@@ -189,7 +189,7 @@ def test_no_module_outside_models_reads_a_multiscale_attribute():
         if path.parent.name == "models":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            # configs may name a model's settings (cfg.model.levels); models and modules may not be asked
+            # configs may name a model's settings (cfg.model.scales); models and modules may not be asked
             if isinstance(node, ast.Attribute) and node.attr in MULTISCALE_ATTRIBUTES \
                     and not _root_name(node).endswith("cfg"):
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno} .{node.attr}")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from flowgen import transforms as transforms_module
+from flowgen.checkpoints.legacy import upgrade_run_config, upgrade_state_dict
 from flowgen.flows import ActNorm, Coupling, FlowSequence, GlowConditioner, InvConv1x1LU, Split, Squeeze, TopPrior
 from flowgen.models import Glow, MultiScaleFlow, RealNVP
 from tests.conftest import initialize_actnorms, jacobian_logdets, perturb_parameters
@@ -26,7 +27,7 @@ REALNVP_OPTIONS = [*itertools.product(("affine", "additive"), (True, False), (Fa
 
 
 def tiny_glow(coupling="affine", permutation="lu", num_classes=None, in_channels=2):
-    return Glow(in_channels=in_channels, image_size=4, levels=2, steps=2, hidden_channels=8,
+    return Glow(in_channels=in_channels, image_size=4, scales=2, steps=2, hidden_channels=8,
                 coupling=coupling, permutation=permutation, num_classes=num_classes)
 
 
@@ -75,16 +76,16 @@ def test_realnvp_inverse_and_jacobian(coupling, actnorm, learn_prior, num_classe
 
 def test_realnvp_follows_the_paper_layout():
     model = RealNVP(in_channels=3, image_size=32, scales=3, hidden_channels=8, num_blocks=1, actnorm=False)
-    layouts = [[(type(f).__name__, getattr(f, "mask", None)) for f in level] for level in model.levels]
+    layouts = [[(type(f).__name__, getattr(f, "mask", None)) for f in level] for level in model.scales]
     per_scale = [("Coupling", "checkerboard")] * 3 + [("Squeeze", None)] + [("Coupling", "channel")] * 3
     assert layouts == [per_scale, per_scale, [("Coupling", "checkerboard")] * 4]
-    parities = [f.parity for f in model.levels[0] if isinstance(f, Coupling)]
+    parities = [f.parity for f in model.scales[0] if isinstance(f, Coupling)]
     assert parities == [0, 1, 0, 0, 1, 0]  # masks alternate within each group
 
 
 def test_glow_levels_have_squeeze_then_k_steps():
-    model = Glow(in_channels=3, image_size=16, levels=2, steps=3, hidden_channels=8)
-    kinds = [type(f).__name__ for f in model.levels[0]]
+    model = Glow(in_channels=3, image_size=16, scales=2, steps=3, hidden_channels=8)
+    kinds = [type(f).__name__ for f in model.scales[0]]
     assert kinds == ["Squeeze"] + ["ActNorm", "InvConv1x1LU", "Coupling"] * 3
     assert len(model.splits) == 1
     shapes = [tuple(z.shape[1:]) for z in model(torch.rand(1, 3, 16, 16) - 0.5)[0]]
@@ -102,7 +103,7 @@ def mixed_prior_flow():
 
 @pytest.mark.parametrize("build, std, n, half_width", [
     (mixed_prior_flow, 0.1, 36, 7.0),
-    (lambda: Glow(in_channels=1, image_size=2, levels=1, steps=3, hidden_channels=8), 0.1, 36, 7.0),
+    (lambda: Glow(in_channels=1, image_size=2, scales=1, steps=3, hidden_channels=8), 0.1, 36, 7.0),
     pytest.param(lambda: RealNVP(in_channels=1, image_size=2, scales=1, hidden_channels=8, num_blocks=0,
                                  learn_prior=True), 0.05, 32, 9.0, id="realnvp", marks=pytest.mark.slow),  # 18 s
 ], ids=["split-and-top-prior", "glow", None])
@@ -166,7 +167,7 @@ def test_temperature_zero_decodes_the_prior_means_level_by_level():
     mean_top, _ = model.top_prior.mean_log_std(2)
     assert torch.allclose(zs[-1], mean_top)
     # each factored latent equals its conditional prior mean given the kept half above it
-    h = model.levels[1].inverse(zs[1])[0]
+    h = model.scales[1].inverse(zs[1])[0]
     mean_split, _ = model.splits[0].prior.mean_log_std(h)
     assert torch.allclose(zs[0], mean_split)
 
@@ -214,8 +215,8 @@ def test_actnorm_not_reinitialised_after_model_load():
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda: Glow(image_size=30, levels=3), r"image_size=30 is not divisible by 8"),
-        (lambda: Glow(image_size=32, levels=6), r"image_size=32 is not divisible by 64"),
+        (lambda: Glow(image_size=30, scales=3), r"image_size=30 is not divisible by 8"),
+        (lambda: Glow(image_size=32, scales=6), r"image_size=32 is not divisible by 64"),
         (lambda: Glow(hidden_channels=0), r"hidden_channels must be a positive integer, got 0"),
         (lambda: Glow(steps=-1), r"steps must be a positive integer"),
         (lambda: Glow(coupling="spline2"), r"unknown coupling 'spline2'"),
@@ -261,3 +262,24 @@ def test_float32_reconstruction_of_cifar_sized_defaults(build):
     assert err < 1e-4
     assert torch.allclose(logdet, -logdet_inv, rtol=1e-5, atol=1e-2)
     assert math.isfinite(logdet[0].item())
+
+
+def test_a_glow_run_of_an_earlier_version_means_the_same():
+    """Runs written when Glow's scales were called ``levels`` (config key and weights) load with the same
+    log-density: flowgen/checkpoints/legacy.py renames both, and MultiScaleFlow renames old weights on load."""
+    torch.manual_seed(0)
+    model = tiny_glow(in_channels=1).double()
+    x = torch.rand(3, 1, 4, 4, dtype=torch.float64) - 0.5
+    model(x)  # ActNorm's data-dependent initialisation
+    old_state = {k.replace("scales.", "levels.", 1) if k.startswith("scales.") else k: v
+                 for k, v in model.state_dict().items()}
+    assert any(k.startswith("levels.") for k in old_state)
+    upgraded = upgrade_state_dict(old_state, model.state_dict())
+    assert upgraded.keys() == model.state_dict().keys()
+    fresh = tiny_glow(in_channels=1).double()
+    fresh.load_state_dict(old_state)  # Lightning's resume loads the old names straight into the module
+    torch.testing.assert_close(fresh.log_prob(x), model.log_prob(x), rtol=0, atol=0)
+    old_config = {"model": {"_target_": "flowgen.models.Glow", "levels": 2, "steps": 2}, "data": {}}
+    assert upgrade_run_config(old_config)["model"] == {"_target_": "flowgen.models.Glow", "scales": 2, "steps": 2}
+    other = {"model": {"_target_": "flowgen.models.CNF", "levels": 2}}
+    assert upgrade_run_config(other)["model"]["levels"] == 2  # another family's key of that name stays

@@ -42,7 +42,7 @@ class PoisonedModule(FlowModule):
 
 def module(poison_steps=()):
     torch.manual_seed(0)
-    model = Glow(in_channels=1, image_size=8, levels=2, steps=2, hidden_channels=8)
+    model = Glow(in_channels=1, image_size=8, scales=2, steps=2, hidden_channels=8)
     return PoisonedModule(poison_steps=poison_steps, model=model, dequantizer=UniformDequantization(17),
                           num_levels=17, optimizer=partial(torch.optim.Adam, lr=1e-3))
 

@@ -40,7 +40,7 @@ from tests.train_runner import FAST
 def tiny_models():
     torch.manual_seed(0)
     return {
-        "glow": lambda: Glow(3, 8, levels=2, steps=2, hidden_channels=16),
+        "glow": lambda: Glow(3, 8, scales=2, steps=2, hidden_channels=16),
         "realnvp": lambda: RealNVP(3, 8, scales=2, hidden_channels=8, num_blocks=1, learn_prior=True),
     }
 
@@ -120,7 +120,7 @@ def test_folded_actnorm_convolution_is_the_same_map():
 def test_compiled_model_gives_the_eager_log_prob(mode):
     torch._dynamo.reset()
     x = torch.rand(2, 1, 4, 4) - 0.5
-    eager, compiled = twin(lambda: Glow(1, 4, levels=1, steps=2, hidden_channels=8), x)
+    eager, compiled = twin(lambda: Glow(1, 4, scales=1, steps=2, hidden_channels=8), x)
     compile_model(compiled, mode)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints keep their keys
     loss_a, grads_a = grads(eager, x)
@@ -151,7 +151,7 @@ def test_compiled_tarflow_gives_the_eager_log_prob_and_samples(mode):
 
 def test_unknown_compile_mode_is_one_clear_error():
     with pytest.raises(UserError, match="performance.compile=fast is not one of none, step, model"):
-        compile_model(Glow(1, 4, levels=1, steps=1, hidden_channels=4), "fast")
+        compile_model(Glow(1, 4, scales=1, steps=1, hidden_channels=4), "fast")
 
 
 # -- the measurements ------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def test_keep_freed_cpu_memory_keeps_a_freed_large_tensor():
 def test_benchmark_writes_a_record_per_workload(tmp_path, capsys):
     pytest.importorskip("normflows")
     cfg = compose_train(tmp_path, [
-        "model.levels=2", "model.steps=1", "model.hidden_channels=8", "data.batch_size=4", "data.image_size=8",
+        "model.scales=2", "model.steps=1", "model.hidden_channels=8", "data.batch_size=4", "data.image_size=8",
         "benchmark.warmup_steps=1", "benchmark.timed_steps=2", "benchmark.sample_repeats=1",
         "benchmark.compare=[normflows, 'model.memory=invertible performance.channels_last=false "
         "performance.keep_freed_cpu_memory=true']",
@@ -344,7 +344,7 @@ def test_benchmark_steps_follow_the_runs_learning_rate_warmup(tmp_path, implemen
     diverge in the benchmark's first steps (K=32 at the full rate reached an inf loss in two)."""
     if implementation == "normflows":
         pytest.importorskip("normflows")
-    cfg = compose_train(tmp_path, ["model.levels=2", "model.steps=1", "model.hidden_channels=8", "data.batch_size=4",
+    cfg = compose_train(tmp_path, ["model.scales=2", "model.steps=1", "model.hidden_channels=8", "data.batch_size=4",
                                    "data.image_size=8", "scheduler.warmup_steps=4", "optimizer.lr=0.002"],
                         config_name="benchmark")
     workload = (flowgen_workload if implementation == "flowgen" else normflows_workload)(cfg, torch.device("cpu"))

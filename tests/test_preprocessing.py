@@ -95,7 +95,7 @@ def test_pixels_to_logits_and_back(num_levels, alpha):
 
 FAMILIES = {
     "realnvp": lambda: RealNVP(1, 8, scales=1, hidden_channels=4, num_blocks=1),
-    "glow": lambda: Glow(1, 8, levels=2, steps=1, hidden_channels=4),
+    "glow": lambda: Glow(1, 8, scales=2, steps=1, hidden_channels=4),
     "tarflow": lambda: TarFlow(1, 8, patch_size=2, width=16, num_blocks=2, layers_per_block=1, num_heads=1),
 }
 

@@ -215,7 +215,7 @@ def test_a_sampling_option_the_model_lacks_is_refused(trained_digits, monkeypatc
 
 def _fit(tmp_path, callbacks: list) -> torch.Tensor:
     torch.manual_seed(0)
-    model = Glow(in_channels=1, image_size=8, levels=2, steps=2, hidden_channels=8)
+    model = Glow(in_channels=1, image_size=8, scales=2, steps=2, hidden_channels=8)
     module = FlowModule(model=model, dequantizer=UniformDequantization(K), num_levels=K, ema_decay=0.9,
                         optimizer=partial(torch.optim.Adam, lr=1e-3))
     data = ImageDataModule(name="digits", image_size=8, channels=1, n_bits=None, num_levels=K, batch_size=16,

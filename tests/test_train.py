@@ -97,7 +97,7 @@ def test_default_command_uses_wandb_offline_with_a_notice(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["model=glow", "model.levels=4"], "image_size=8 is not divisible by 16"),
+    (["model=glow", "model.scales=4"], "image_size=8 is not divisible by 16"),
     # two more through the whole process (~9 s each; their messages are also tested in process)
     pytest.param(["ckpt_path=/nonexistent/run.ckpt"], "no such checkpoint file or run directory",
                  marks=pytest.mark.slow),

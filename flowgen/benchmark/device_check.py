@@ -69,6 +69,7 @@ class Sizes:
     train_steps: int
     train_warmup_steps: int          # scheduler.warmup_steps of the training check
     train_images: int                # synthetic images, reshuffled each epoch
+    threads: int | None              # torch intra-op threads while the check runs (None: torch's default)
 
 
 GPU = Sizes(
@@ -90,16 +91,17 @@ GPU = Sizes(
     train_steps=300,
     train_warmup_steps=100,    # the paper's 7000 would keep all 300 steps below 5% of its learning rate
     train_images=4096,
+    threads=None,
 )
 
 DRY_RUN = Sizes(
     device="cpu",
-    total_budget_s=300.0,
-    budgets_s={"tests": 60, "glow_cifar10 float32": 30, "glow_cifar10 bf16": 30, "glow_cifar10 compiled": 60,
-               "tarflow_cifar10 float32": 30, "tarflow_cifar10 bf16": 30, "tarflow_cifar10 compiled": 60,
-               "training": 60},
+    total_budget_s=900.0,  # the budgets only catch a hang: each step takes seconds
+    budgets_s={"tests": 120, "glow_cifar10 float32": 120, "glow_cifar10 bf16": 120, "glow_cifar10 compiled": 120,
+               "tarflow_cifar10 float32": 120, "tarflow_cifar10 bf16": 120, "tarflow_cifar10 compiled": 120,
+               "training": 120},
     overrides={
-        "glow_cifar10": ["data.image_size=8", "data.batch_size=8", "model.levels=2", "model.steps=2",
+        "glow_cifar10": ["data.image_size=8", "data.batch_size=8", "model.scales=2", "model.steps=2",
                          "model.hidden_channels=16"],
         "tarflow_cifar10": ["data.image_size=8", "data.batch_size=8", "model.width=16", "model.num_blocks=2",
                             "model.layers_per_block=1", "model.num_heads=2"],
@@ -114,6 +116,9 @@ DRY_RUN = Sizes(
     train_steps=20,
     train_warmup_steps=3,
     train_images=160,
+    # tiny tensors gain nothing from more threads, and on a busy machine their barriers cost ~7x (20 steps of
+    # the tiny Glow: 40 s with 2 threads at load 8 on 2 cores, 6 s with 1)
+    threads=1,
 )
 
 BENCHMARKS = ("glow_cifar10", "tarflow_cifar10")
@@ -404,7 +409,8 @@ def training_check(cfg: DictConfig, device: torch.device, sizes: Sizes) -> dict:
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    return f"{cpu_description()}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{cpu_description()}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def plan(compose: Compose, tests_dir: Path, out: Path, sizes: Sizes, device: torch.device,
@@ -439,15 +445,22 @@ def run_device_check(compose: Compose, tests_dir: Path, out: Path, dry_run: bool
     sizes = DRY_RUN if dry_run else GPU
     device = torch.device(sizes.device)
     out.mkdir(parents=True, exist_ok=True)
+    threads, matmul_precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
+    torch.set_num_threads(sizes.threads or threads)
     torch.set_float32_matmul_precision("high")  # as train.py: TF32 matmuls on GPUs that have them
     start = time.monotonic()
-    steps = plan(compose, tests_dir, out, sizes, device, test_files, leave_out)
-    results = run_steps(steps, sizes.total_budget_s, report)
+    try:  # (process-wide settings: restored for the caller, e.g. the test suite)
+        description = device_description(device)
+        steps = plan(compose, tests_dir, out, sizes, device, test_files, leave_out)
+        results = run_steps(steps, sizes.total_budget_s, report)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(matmul_precision)
     return {
-        "device": device_description(device),
+        "device": description,
         "dry_run": dry_run,
         "torch": torch.__version__,
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "float32_matmul_precision": "high",
         "total_seconds": time.monotonic() - start,
         "total_budget_s": sizes.total_budget_s,
         "sizes": asdict(sizes),
@@ -483,5 +496,5 @@ def markdown_table(record: dict) -> str:
             f"| {step['name']} | {step['status']} | {step['seconds']:.0f} / {step['budget_s']:.0f} "
             f"| {_si(f.get('train_images_per_s'))} | {_si(f.get('flops_per_image'))} "
             f"| {'-' if fraction is None else f'{100 * fraction:.1f}%'} "
-            f"| {'-' if memory is None else f'{memory / 2**20:.0f}'} | {result.replace('|', '/')} |")
+            f"| {'-' if memory is None else f'{memory / 2**20:.3g}'} | {result.replace('|', '/')} |")
     return "\n".join(rows)

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from flowgen.build import build_module, num_levels_of
+from flowgen.checkpoints.legacy import upgrade_state_dict
 from flowgen.checkpoints.reading import check_state_matches, load_checkpoint
 from flowgen.checkpoints.run_dir import find_checkpoint
 from flowgen.errors import UserError
@@ -115,7 +116,8 @@ def load_weights(module, path: str) -> str:
     ckpt, _ = find_checkpoint(path, "last")
     state = load_checkpoint(ckpt)["state_dict"]
     prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "model."
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    weights = upgrade_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                                 module.model.state_dict())
     check_state_matches(weights, module.model, ckpt)
     for model in (module.model, *([module.ema.module] if module.ema is not None else [])):
         model.load_state_dict(weights)
@@ -193,17 +195,17 @@ def normflows_glow(cfg: DictConfig):
         raise UserError(f"the normflows comparison builds Glow only; model={model_cfg._target_} has no normflows twin")
     if model_cfg.permutation not in ("lu", "conv"):
         raise UserError(f"normflows' Glow has no permutation={model_cfg.permutation}; use model.permutation=lu or conv")
-    levels, steps, width = int(model_cfg.levels), int(model_cfg.steps), int(model_cfg.hidden_channels)
+    scales, steps, width = int(model_cfg.scales), int(model_cfg.steps), int(model_cfg.hidden_channels)
     channels, size = int(model_cfg.in_channels), int(model_cfg.image_size)
     q0, flows, merges = [], [], []
-    for i in range(levels):  # normflows lists levels from the top (coarsest) down
-        step_channels = channels * 2 ** (levels + 1 - i)  # 4^(L-i) channels after L-i squeezes, halved L-i-1 times
+    for i in range(scales):  # normflows lists its levels (our scales) from the top (coarsest) down
+        step_channels = channels * 2 ** (scales + 1 - i)  # 4^(L-i) channels after L-i squeezes, halved L-i-1 times
         level = [nf.flows.GlowBlock(step_channels, width, scale=model_cfg.coupling == "affine", scale_map="sigmoid",
                                     split_mode="channel", use_lu=model_cfg.permutation == "lu", net_actnorm=True)
                  for _ in range(steps)]
         level.append(nf.flows.Squeeze())
         flows.append(level)
-        factor = 2 ** (levels - i)
+        factor = 2 ** (scales - i)
         if i > 0:
             merges.append(nf.flows.Merge())
             latent_shape = (channels * factor, size // factor, size // factor)
@@ -243,7 +245,7 @@ def normflows_workload(cfg: DictConfig, device: torch.device, name: str = "normf
 
     settings = {
         "implementation": f"normflows {normflows.__version__}",
-        "model": {"class": "normflows.MultiscaleFlow (GlowBlock)", "levels": int(cfg.model.levels),
+        "model": {"class": "normflows.MultiscaleFlow (GlowBlock)", "scales": int(cfg.model.scales),
                   "steps": int(cfg.model.steps), "hidden_channels": int(cfg.model.hidden_channels),
                   "coupling": str(cfg.model.coupling), "permutation": str(cfg.model.permutation)},
         "precision": precision, "batch_size": batch_size, "optimizer": str(cfg.optimizer._target_),

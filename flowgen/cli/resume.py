@@ -28,6 +28,7 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from flowgen.checkpoints.legacy import upgrade_run_config
 from flowgen.checkpoints.reading import load_checkpoint
 from flowgen.checkpoints.run_dir import CHECKPOINT_DIR, CONFIG_FILE, last_checkpoint, refuse_to_overwrite, run_dir_of
 from flowgen.cli.overrides import CONFIG_DIR
@@ -153,10 +154,10 @@ def saved_config(run_dir: Path, ckpt: Path) -> dict | None:
                             "run's config.yaml, or resume from a checkpoint file (it carries its own copy)") from None
         if not isinstance(saved, dict) or "model" not in saved or "data" not in saved:
             raise UserError(f"{run_dir / CONFIG_FILE} is not a flowgen run configuration (no model and data sections)")
-        return saved
+        return upgrade_run_config(saved)
     hparams = load_checkpoint(ckpt, mmap=True).get("hyper_parameters")
     saved = hparams.get("run_config") if isinstance(hparams, dict) else None
-    return copy.deepcopy(saved) if isinstance(saved, dict) and saved else None
+    return upgrade_run_config(copy.deepcopy(saved)) if isinstance(saved, dict) and saved else None
 
 
 def continue_config(saved: dict, cfg: DictConfig, overrides: list[str],

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from flowgen.build import build_module
+from flowgen.checkpoints.legacy import upgrade_state_dict
 from flowgen.checkpoints.reading import check_state_matches, load_checkpoint
 from flowgen.checkpoints.run_dir import CONFIG_FILE
 from flowgen.checkpoints.writing import AtomicCheckpointIO, remove_partial_files
@@ -177,7 +178,8 @@ def _train_run(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> float | Non
     _check_labels(cfg, datamodule)
     module = build_module(cfg, datamodule.num_levels)
     if ckpt is not None:  # a readable, safe checkpoint of this architecture, before Lightning loads it
-        check_state_matches(load_checkpoint(ckpt, mmap=True)["state_dict"], module, ckpt)
+        state = load_checkpoint(ckpt, mmap=True)["state_dict"]
+        check_state_matches(upgrade_state_dict(state, module.state_dict()), module, ckpt)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     callbacks.append(StopOnSignal(resume_command=resume_command(run_dir)))  # Ctrl-C, kill
     checkpointing = [c for c in callbacks if isinstance(c, ModelCheckpoint) and c.save_last]

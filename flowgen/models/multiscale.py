@@ -1,16 +1,16 @@
 """The multi-scale architecture shared by Glow and RealNVP (RealNVP section 3.6).
 
-    x ──level 0──▶ h_0 ──split──▶ h_0'  ──level 1──▶ … ──level L-1──▶ z_{L-1} ~ top prior
+    x ──scale 0──▶ h_0 ──split──▶ h_0'  ──scale 1──▶ … ──scale L-1──▶ z_{L-1} ~ top prior
                               └─▶ z_0 ~ p(z_0 | h_0')        (one factored latent per split)
 
-Each level is a ``FlowSequence`` (squeezes and flow steps); after every level but the last,
+Each scale is a ``FlowSequence`` (squeezes and flow steps); after every scale but the last,
 ``Split`` factors out half of the channels.  The density of x is exact:
 
     log p(x) = Σ_l log p(z_l | h_l') + log p_top(z_{L-1}) + Σ_layers log|det J|
 
 Sampling runs the same road backwards from the top: draw the top latent, invert the last
-level, draw the factored latent from its conditional prior, concatenate, invert the level
-below, and so on.  Temperature T scales the standard deviation of every level's prior.
+scale, draw the factored latent from its conditional prior, concatenate, invert the scale
+below, and so on.  Temperature T scales the standard deviation of every scale's prior.
 """
 
 from __future__ import annotations
@@ -28,24 +28,30 @@ from flowgen.models.base import FlowModel, LogProbParts, check_temperature, labe
 
 
 class MultiScaleFlow(FlowModel):
-    """Levels of flows with factor-out between them and Gaussian priors on every latent.
+    """Scales of flows with factor-out between them and Gaussian priors on every latent.
 
     In the model contract's terms (``flowgen.models.base``) the parts of log p(x) are, for each
     scale l = 0..L-1, ``scale{l}/logdet`` (Σ log|det J| of its layers) and ``scale{l}/prior`` (the
     split prior of the latent it factors out; the top prior for the last scale).
     """
 
-    def __init__(self, levels: list[FlowSequence], splits: list[Split], top_prior: TopPrior,
+    def __init__(self, scales: list[FlowSequence], splits: list[Split], top_prior: TopPrior,
                  in_channels: int, image_size: int):
         super().__init__()
-        if len(splits) != len(levels) - 1:
+        if len(splits) != len(scales) - 1:
             raise InvalidValueError(
-                f"need one split between consecutive levels: {len(levels)} levels, {len(splits)} splits")
-        self.levels = nn.ModuleList(levels)
+                f"need one split between consecutive scales: {len(scales)} scales, {len(splits)} splits")
+        self.scales = nn.ModuleList(scales)
         self.splits = nn.ModuleList(splits)
         self.top_prior = top_prior
         self.in_channels = in_channels
         self.image_size = image_size
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # weights written when the per-scale flows were called ``levels`` (flowgen.checkpoints.legacy)
+        for key in [k for k in state_dict if k.startswith(prefix + "levels.")]:
+            state_dict[prefix + "scales." + key[len(prefix + "levels."):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def num_classes(self) -> int | None:
@@ -57,8 +63,8 @@ class MultiScaleFlow(FlowModel):
         """x -> (latents z_0..z_{L-1}, Σ log|det J| (B,), Σ of the split priors' log-densities (B,))."""
         zs, logdet, log_prior = [], zero_logdet(x), zero_logdet(x)
         h = x
-        for i, level in enumerate(self.levels):
-            h, ld = level(h)
+        for i, scale in enumerate(self.scales):
+            h, ld = scale(h)
             logdet = logdet + ld
             if i < len(self.splits):
                 h, z, lp = self.splits[i](h)
@@ -74,7 +80,7 @@ class MultiScaleFlow(FlowModel):
         return zs, logdet, log_prior + self.top_prior.log_prob(zs[-1], y)
 
     def forward(self, x: torch.Tensor, y=None) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """x -> (latents, log|det dz/dx|): the flow's bijection, one latent per level.  It never reads
+        """x -> (latents, log|det dz/dx|): the flow's bijection, one latent per scale.  It never reads
         the labels y (only the top prior's density does), so a class-conditional model encodes any image."""
         zs, logdet, _ = self._bijection(x)
         return zs, logdet
@@ -89,9 +95,9 @@ class MultiScaleFlow(FlowModel):
         with the log-derivatives of its couplings and the log-scales of its ActNorms."""
         terms, log_derivatives = {}, {}
         h = x
-        for i, level in enumerate(self.levels):
+        for i, scale in enumerate(self.scales):
             logdet, couplings = zero_logdet(h), []
-            for layer in level:
+            for layer in scale:
                 if isinstance(layer, Coupling):
                     s = layer.log_scales(h)
                     if s is not None:
@@ -103,7 +109,7 @@ class MultiScaleFlow(FlowModel):
             else:
                 log_prior = self.top_prior.log_prob(h, y)
             terms[f"scale{i}/logdet"], terms[f"scale{i}/prior"] = logdet, log_prior
-            actnorms = [layer.log_scale.flatten() for layer in level if isinstance(layer, ActNorm)]
+            actnorms = [layer.log_scale.flatten() for layer in scale if isinstance(layer, ActNorm)]
             if couplings:
                 log_derivatives[f"scale{i}/coupling"] = torch.cat(couplings)
             if actnorms:
@@ -112,16 +118,16 @@ class MultiScaleFlow(FlowModel):
 
     def compile_units(self) -> list[nn.Module]:
         """Every flow step and every split: identical steps share one compiled graph."""
-        return [layer for level in self.levels for layer in level] + list(self.splits)
+        return [layer for scale in self.scales for layer in scale] + list(self.splits)
 
     @torch.no_grad()
     def reconstruction_errors(self, x: torch.Tensor) -> dict[str, float]:
         """max |f_l^{-1}(f_l(h_l)) - h_l| for each scale l on its own input h_l."""
         errors = {}
         h = x
-        for i, level in enumerate(self.levels):
-            out, _ = level(h)
-            errors[f"scale{i}"] = float((level.invert(out).float() - h.float()).abs().max())
+        for i, scale in enumerate(self.scales):
+            out, _ = scale(h)
+            errors[f"scale{i}"] = float((scale.invert(out).float() - h.float()).abs().max())
             h = self.splits[i](out)[0] if i < len(self.splits) else out
         return errors
 
@@ -132,13 +138,13 @@ class MultiScaleFlow(FlowModel):
         """Top-down inverse.  Latents that are None (or all of them, with ``n``) are drawn from
         their priors at ``temperature``.  Returns (x, the latents used, log|det dx/dz|); with
         ``logdet=False`` the log-determinant is None and no layer spends work on it (``invert``)."""
-        num_levels = len(self.levels)
+        num_scales = len(self.scales)
         if zs is None:
             if n is None:
                 raise InvalidValueError("decode needs latents zs or a number of samples n")
-            zs = [None] * num_levels
-        if len(zs) != num_levels:
-            raise InvalidValueError(f"expected {num_levels} latents (one per level), got {len(zs)}")
+            zs = [None] * num_scales
+        if len(zs) != num_scales:
+            raise InvalidValueError(f"expected {num_scales} latents (one per scale), got {len(zs)}")
         used = list(zs)
         h = zs[-1]
         if h is None:
@@ -147,14 +153,14 @@ class MultiScaleFlow(FlowModel):
             h = self.top_prior.sample(n, temperature, y, generator)
         used[-1] = h
         total = zero_logdet(h) if logdet else None
-        for i in reversed(range(num_levels)):
+        for i in reversed(range(num_scales)):
             if i < len(self.splits):
                 h, used[i] = self.splits[i].inverse(h, zs[i], temperature, generator)
             if logdet:
-                h, ld = self.levels[i].inverse(h)
+                h, ld = self.scales[i].inverse(h)
                 total = total + ld
             else:
-                h = self.levels[i].invert(h)
+                h = self.scales[i].invert(h)
         return h, used, total
 
     def inverse(self, zs: list[torch.Tensor], y=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +174,7 @@ class MultiScaleFlow(FlowModel):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, y=None, generator=None, return_latents: bool = False):
-        """Draw n images at ``temperature`` (T scales every level's prior std; T=0 gives the means)."""
+        """Draw n images at ``temperature`` (T multiplies every scale's prior std; T=0 gives the means)."""
         check_temperature(temperature)
         y = labels_for(y, n, next(self.parameters()).device)
         x, zs, _ = self.decode(n=n, y=y, temperature=temperature, generator=generator, logdet=False)

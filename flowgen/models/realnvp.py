@@ -79,17 +79,17 @@ class RealNVP(MultiScaleFlow):
                     layers.append(ActNorm(channels))
             return layers
 
-        flow_levels, splits = [], []
+        flow_scales, splits = [], []
         channels, size = in_channels, image_size
         for _ in range(scales - 1):
             layers = couplings(channels, "checkerboard", 3)
             layers.append(Squeeze())
             channels, size = channels * 4, size // 2
             layers += couplings(channels, "channel", 3)
-            flow_levels.append(FlowSequence(layers, memory=memory))
+            flow_scales.append(FlowSequence(layers, memory=memory))
             split = Split(channels, learn_prior=learn_prior)
             splits.append(split)
             channels = split.keep_channels
-        flow_levels.append(FlowSequence(couplings(channels, "checkerboard", 4), memory=memory))
+        flow_scales.append(FlowSequence(couplings(channels, "checkerboard", 4), memory=memory))
         top = TopPrior(channels, size, size, learn=learn_prior, num_classes=num_classes)
-        super().__init__(flow_levels, splits, top, in_channels, image_size)
+        super().__init__(flow_scales, splits, top, in_channels, image_size)
