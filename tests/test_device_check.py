@@ -175,6 +175,7 @@ def test_gpu_hours_arithmetic_and_training_images(tmp_path):
     assert training_images_per_epoch(cfg) == 30_000 - 2 * round(float(cfg.data.val_size) * 30_000)
 
 
+@pytest.mark.slow  # counts the full-width RealNVP step: ~30 s on 2 busy cores
 def test_the_reproduction_table_row_of_realnvp(capsys):
     table = reproduction_table.main(["realnvp_cifar10"])
     row = next(line for line in table.splitlines() if "`experiment=realnvp_cifar10`" in line)

@@ -22,12 +22,13 @@ from flowgen.data.splits import held_out_count
 H100_BF16_DENSE_FLOPS = 989.4e12
 UTILISATION = 0.4
 
-# training-split sizes of the data sets, before flowgen holds out val_size (the datasets' own documentation)
-TRAIN_SPLIT_IMAGES = {
-    "cifar10": 50_000,        # CIFAR-10: 50,000 training images
-    "celeba": 162_770,        # CelebA: the official training partition (list_eval_partition.txt)
-    "imagenet64": 1_281_167,  # ImageNet ILSVRC-2012 training set, downsampled
-    "folder": 30_000,         # CelebA-HQ: 30,000 images (data=folder of the CelebA-HQ release)
+# per data set: the images of its training split (the data sets' own documentation), and how many sets of
+# data.val_size images flowgen holds out of it (data=folder, without val/ and test/ directories: val and test)
+TRAIN_SPLITS = {
+    "cifar10": (50_000, 1),        # CIFAR-10: 50,000 training images
+    "celeba": (162_770, 0),        # CelebA: the official training partition (list_eval_partition.txt)
+    "imagenet64": (1_281_167, 1),  # ImageNet ILSVRC-2012 training set, downsampled
+    "folder": (30_000, 2),         # CelebA-HQ: 30,000 images (data=folder of the CelebA-HQ release)
 }
 
 # the config key of each family's repeated identical unit, when it has one
@@ -61,12 +62,10 @@ def training_flops_per_image(cfg: DictConfig, extrapolate: bool = True) -> tuple
 
 
 def training_images_per_epoch(cfg: DictConfig) -> int:
-    """The training split less the images held out for validation (and for test where the data set has no
-    test split: data=folder holds out val_size twice)."""
-    name = str(cfg.data.name)
-    total = TRAIN_SPLIT_IMAGES[name]
-    held = held_out_count(cfg.data.val_size, total) if cfg.data.get("val_size") else 0
-    return total - held * (2 if name == "folder" else 1)
+    """The training split less the images held out of it (``TRAIN_SPLITS``)."""
+    total, held_out_sets = TRAIN_SPLITS[str(cfg.data.name)]
+    held = held_out_count(cfg.data.val_size, total) if held_out_sets and cfg.data.get("val_size") else 0
+    return total - held_out_sets * held
 
 
 def gpu_hours(flops_per_image: float, images_per_epoch: int, epochs: int, utilisation: float = UTILISATION,
@@ -79,7 +78,7 @@ PUBLISHED = {
     "glow_cifar10": "3.35 (Kingma & Dhariwal 2018, Table 2); no FID",
     "glow_celeba64": "none: not a setting of the Glow paper (RealNVP's CelebA 64x64 3.02, Dinh et al. 2017 "
                      "Table 1, is 8-bit and another model)",
-    "glow_celebahq256": "none: the Glow paper shows CelebA-HQ 256 5-bit samples, no bpd table entry; no FID",
+    "glow_celebahq256": "none in the Glow paper's tables (CelebA-HQ 256 5-bit: samples and manipulation); no FID",
     "realnvp_cifar10": "3.49 (Dinh et al. 2017, Table 1); no FID",
     "tarflow_cifar10": "none: the TarFlow paper has no CIFAR-10 model",
     "tarflow_imagenet64": "2.99 (Zhai et al. 2025, Table 2, unconditional, uniform dequantization); its FIDs "
