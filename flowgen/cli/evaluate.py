@@ -18,9 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from flowgen.build import RestoredRun, instantiate_data, resolve_device, restore_run
+from flowgen.checks import validated
 from flowgen.cli.errors import UserError, one_line
 from flowgen.cli.typical_set import TypicalSet, typical_set
-from flowgen.config.checks import validated
 from flowgen.evaluation import SplitScore, autocast_context, evaluate_split
 from flowgen.ood import batch_test, typicality, write_scores
 from flowgen.sample_quality import (
@@ -219,6 +219,8 @@ def _per_image_columns(score: SplitScore, typical: TypicalSet | None, shows_iw: 
     if num_classes is not None:
         columns["label"] = score.labels
     columns["bpd"] = score.per_image_bpd
+    if score.per_image_bpd_std_error is not None:
+        columns["bpd_std_error"] = score.per_image_bpd_std_error
     if shows_iw:
         columns["bpd_iw"] = score.per_image_bpd_iw
     if typical is not None:
@@ -251,6 +253,10 @@ def _print_table(result: dict, score: SplitScore | None, console: Console) -> No
     table.add_column("value", justify="right")
     if score is not None:
         table.add_row("bpd (ELBO)", f"{score.bpd:.4f}")
+        if score.per_image_bpd_std_error is not None:  # an estimated log p (a CNF's Hutchinson trace)
+            table.add_row("± standard error of the log p estimator", f"{score.bpd_std_error:.4f}")
+        if score.nfe is not None:
+            table.add_row("function evaluations per solve (NFE)", f"{score.nfe:.1f}")
         if _shows_iw(result):
             table.add_row(f"bpd (importance-weighted, K={score.num_samples})", f"{score.bpd_iw:.4f}")
         table.add_row("nll (nats / image)", f"{score.nll_nats:.2f}")

@@ -5,7 +5,7 @@ Each YAML file of a config group names its schema first in its defaults list
 then composes onto typed nodes: a wrong type (``seed=abc``), an unknown choice
 (``model.coupling=splines``), a misspelt key (``model.stpes=4``) or a bool given as ``no``
 (which becomes False, not the truthy string "no") is settled at composition, naming the full
-key. Range checks (``checked(...)``) are in ``flowgen/config/checks.py``.
+key. Range checks (``checked(...)``) are in ``flowgen/checks.py``.
 
 The choices of the enums come from the registries of the code that uses them (e.g.
 ``flowgen.models.glow.PERMUTATIONS``), so a new option is one registry entry, not two.
@@ -22,7 +22,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from flowgen.config.checks import (
+from flowgen.checks import (
     AT_LEAST_ONE,
     BATCHES_OR_FRACTION,
     COUNT_OR_FRACTION,
@@ -45,6 +45,9 @@ from flowgen.config.checks import (
 from flowgen.data.registry import DATASETS
 from flowgen.data.splits import SPLITS
 from flowgen.flows.memory import MEMORY_MODES
+from flowgen.flows.ode import ODE_SOLVERS, PROBE_KINDS, TRACE_ESTIMATORS
+from flowgen.flows.velocity import VELOCITY_NETS
+from flowgen.models.cnf import OBJECTIVES
 from flowgen.models.glow import PERMUTATIONS
 from flowgen.models.tarflow import INVERSE_METHODS, TARFLOW_MEMORY_MODES
 from flowgen.performance import COMPILE_MODES
@@ -72,6 +75,11 @@ MemoryMode = choices("MemoryMode", MEMORY_MODES)
 AffineScale = choices("AffineScale", AFFINE_SCALES)
 InverseMethod = choices("InverseMethod", INVERSE_METHODS)
 TarFlowMemoryMode = choices("TarFlowMemoryMode", TARFLOW_MEMORY_MODES)
+VelocityNet = choices("VelocityNet", VELOCITY_NETS)
+CNFObjective = choices("CNFObjective", OBJECTIVES)
+TraceEstimator = choices("TraceEstimator", TRACE_ESTIMATORS)
+ProbeKind = choices("ProbeKind", PROBE_KINDS)
+ODESolver = choices("ODESolver", ODE_SOLVERS)
 Schedule = choices("Schedule", SCHEDULES)
 CompileMode = choices("CompileMode", COMPILE_MODES)
 LrScalingRule = choices("LrScalingRule", ("none", "linear", "sqrt"))
@@ -91,7 +99,7 @@ class GlowConfig:
     _target_: str = "flowgen.models.Glow"
     in_channels: int = checked(MISSING, AT_LEAST_ONE)
     image_size: int = checked(MISSING, AT_LEAST_ONE)
-    levels: int = checked(3, AT_LEAST_ONE)
+    scales: int = checked(3, AT_LEAST_ONE)  # L: squeeze, steps, split; 2**L must divide the image size
     steps: int = checked(32, AT_LEAST_ONE)
     hidden_channels: int = checked(512, AT_LEAST_ONE)
     coupling: Coupling = Coupling.affine
@@ -147,6 +155,34 @@ class TarFlowConfig:
     jacobi_tolerance: float = checked(1e-5, NON_NEGATIVE, FINITE)
     denoise: bool | None = None
     memory: TarFlowMemoryMode = TarFlowMemoryMode.standard
+
+
+@dataclass
+class CNFConfig:
+    _target_: str = "flowgen.models.CNF"
+    in_channels: int = checked(MISSING, AT_LEAST_ONE)
+    image_size: int = checked(MISSING, AT_LEAST_ONE)
+    velocity: VelocityNet = VelocityNet.unet
+    width: int = checked(32, AT_LEAST_ONE)
+    levels: int = checked(2, AT_LEAST_ONE)
+    blocks: int = checked(1, AT_LEAST_ONE)
+    hidden: int = checked(256, AT_LEAST_ONE)
+    depth: int = checked(3, AT_LEAST_ONE)
+    num_classes: int | None = checked(None, at_least(2))
+    label_drop: float = checked(0.0, half_open_interval(0, 1))
+    objective: CNFObjective = CNFObjective.likelihood
+    trace: TraceEstimator = TraceEstimator.hutchinson
+    probe: ProbeKind = ProbeKind.rademacher
+    probes: int = checked(1, AT_LEAST_ONE)
+    eval_trace: TraceEstimator = TraceEstimator.exact
+    eval_probes: int = checked(16, at_least(2))
+    solver: ODESolver = ODESolver.dopri5
+    rtol: float = checked(1e-5, *POSITIVE_FINITE)
+    atol: float = checked(1e-5, *POSITIVE_FINITE)
+    step_size: float | None = checked(None, POSITIVE, closed_interval(0, 1))
+    adjoint: bool = False
+    kinetic_energy: float = checked(0.0, NON_NEGATIVE, FINITE)
+    jacobian_norm: float = checked(0.0, NON_NEGATIVE, FINITE)
 
 
 # ---------------------------------------------------------------- data, dequantization, optimizer
@@ -460,6 +496,7 @@ GROUP_SCHEMAS = [
     ("model", "glow_schema", GlowConfig),
     ("model", "realnvp_schema", RealNVPConfig),
     ("model", "tarflow_schema", TarFlowConfig),
+    ("model", "cnf_schema", CNFConfig),
     ("data", "data_schema", DataConfig),
     ("dequantization", "uniform_schema", UniformDequantizationConfig),
     ("dequantization", "variational_schema", VariationalDequantizationConfig),

@@ -44,10 +44,11 @@ from flowgen.checks import (
     Check,
     at_least,
     checked,
+    closed_interval,
     each,
     one_of,
 )
-from flowgen.config.schema import PRECISIONS, InverseMethod, TrainConfig, choices
+from flowgen.config.schema import PRECISIONS, InverseMethod, ODESolver, TrainConfig, choices
 from flowgen.data.splits import SPLITS
 from flowgen.latents import METHODS
 from flowgen.playground.densities import DENSITIES
@@ -111,8 +112,8 @@ class RestoredRunToolConfig:
 
 @dataclass
 class SamplingOptions:
-    """Keyword options of a model's own sampler (TarFlow's); null = as the model was configured.  A family
-    without the option (Glow, RealNVP) refuses a value other than null in one line."""
+    """Keyword options of a model's own sampler (TarFlow's, the CNF's); null = as the model was configured.
+    A family without the option (Glow, RealNVP) refuses a value other than null in one line."""
 
     guidance: float | None = checked(None, FINITE)
     guidance_annealed: bool | None = None
@@ -121,6 +122,11 @@ class SamplingOptions:
     jacobi_max_iterations: int | None = checked(None, AT_LEAST_ONE)
     jacobi_tolerance: float | None = checked(None, FINITE, NON_NEGATIVE)
     denoise: bool | None = None
+    # the CNF's ODE solve (model=cnf): a torchdiffeq method, its tolerances, or a fixed step in (0, 1]
+    solver: ODESolver | None = None
+    rtol: float | None = checked(None, POSITIVE, FINITE)
+    atol: float | None = checked(None, POSITIVE, FINITE)
+    step_size: float | None = checked(None, POSITIVE, closed_interval(0, 1))
 
 
 @dataclass
