@@ -28,6 +28,7 @@ from flowgen.benchmark.device_check import (
 from flowgen.benchmark.reproduction import gpu_hours, training_flops_per_image, training_images_per_epoch
 from flowgen.cli import device_check as cli
 from flowgen.cli import reproduction_table
+from flowgen.errors import UserError
 from tests.train_runner import REPO
 
 # (its marks are written in by stand_in_tests, so that this file is not itself found as a GPU test file)
@@ -172,7 +173,9 @@ def test_gpu_hours_arithmetic_and_training_images(tmp_path):
     cfg = compose("glow_cifar10", ())
     assert training_images_per_epoch(cfg) == 50_000 - int(cfg.data.val_size)
     cfg = compose("glow_celebahq256", ())  # data=folder holds out a validation and a test set
-    assert training_images_per_epoch(cfg) == 30_000 - 2 * round(float(cfg.data.val_size) * 30_000)
+    assert training_images_per_epoch(cfg, folder_images=30_000) == 30_000 - 2 * round(float(cfg.data.val_size) * 30_000)
+    with pytest.raises(UserError, match="how many images the folder holds"):
+        training_images_per_epoch(cfg)
 
 
 @pytest.mark.slow  # counts the full-width RealNVP step: ~30 s on 2 busy cores

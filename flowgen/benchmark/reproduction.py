@@ -16,7 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from flowgen.benchmark.measure import count_flops
 from flowgen.benchmark.workloads import flowgen_workload
+from flowgen.data.registry import dataset
 from flowgen.data.splits import held_out_count
+from flowgen.errors import UserError
 
 # NVIDIA H100 SXM5 datasheet: 989.4 TFLOP/s dense bf16 tensor-core peak (1,979 is the 2:4-sparsity figure)
 H100_BF16_DENSE_FLOPS = 989.4e12
@@ -24,12 +26,8 @@ UTILISATION = 0.4
 
 # per data set: the images of its training split (the data sets' own documentation), and how many sets of
 # data.val_size images flowgen holds out of it (data=folder, without val/ and test/ directories: val and test)
-TRAIN_SPLITS = {
-    "cifar10": (50_000, 1),        # CIFAR-10: 50,000 training images
-    "celeba": (162_770, 0),        # CelebA: the official training partition (list_eval_partition.txt)
-    "imagenet64": (1_281_167, 1),  # ImageNet ILSVRC-2012 training set, downsampled
-    "folder": (30_000, 2),         # CelebA-HQ: 30,000 images (data=folder of the CelebA-HQ release)
-}
+# data=folder: the image set an experiment names (the dataset registry knows every other training split)
+FOLDER_IMAGES = {"glow_celebahq256": 30_000}  # CelebA-HQ: 30,000 images
 
 # the config key of each family's repeated identical unit, when it has one
 DEPTH_KEYS = {"Glow": "model.steps", "TarFlow": "model.num_blocks"}
@@ -61,9 +59,12 @@ def training_flops_per_image(cfg: DictConfig, extrapolate: bool = True) -> tuple
     return one + (depth - 1) * (two - one), f"counted at batch 1, {key}=1 and 2, linear in {key}={depth}"
 
 
-def training_images_per_epoch(cfg: DictConfig) -> int:
-    """The training split less the images held out of it (``TRAIN_SPLITS``)."""
-    total, held_out_sets = TRAIN_SPLITS[str(cfg.data.name)]
+def training_images_per_epoch(cfg: DictConfig, folder_images: int | None = None) -> int:
+    """The training split (the dataset registry's; ``folder_images`` for data=folder) less the images held out."""
+    record = dataset(str(cfg.data.name))
+    total, held_out_sets = record.train_images or folder_images, record.held_out_splits
+    if total is None:
+        raise UserError(f"data={record.name}: how many images the folder holds is not known; give folder_images")
     held = held_out_count(cfg.data.val_size, total) if held_out_sets and cfg.data.get("val_size") else 0
     return total - held_out_sets * held
 
@@ -89,7 +90,7 @@ PUBLISHED = {
 def reproduction_row(experiment: str, cfg: DictConfig) -> dict:
     """FLOPs per training image, images per epoch, epochs and GPU-hours of one experiment config."""
     flops, how = training_flops_per_image(cfg)
-    images, epochs = training_images_per_epoch(cfg), int(cfg.trainer.max_epochs)
+    images, epochs = training_images_per_epoch(cfg, FOLDER_IMAGES.get(experiment)), int(cfg.trainer.max_epochs)
     return {"experiment": experiment, "published": PUBLISHED.get(experiment, "-"), "flops_per_image": flops,
             "flops_counted": how, "images_per_epoch": images, "epochs": epochs,
             "gpu_hours": gpu_hours(flops, images, epochs)}

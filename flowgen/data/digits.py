@@ -22,6 +22,7 @@ from flowgen.data.transforms import resize_square
 NUM_LEVELS = 17  # K: each pixel counts the set bits of a 4x4 block, 0..16
 NATIVE_SIZE = 8
 NUM_CLASSES = 10
+NUM_IMAGES = 1797
 
 
 class Digits(Dataset):

@@ -35,6 +35,7 @@ from flowgen.data.transforms import resize_square
 TRAIN_FILES = tuple(f"train_data_batch_{i}.npz" for i in range(1, 11))
 TEST_FILES = ("val_data.npz",)
 NUM_CLASSES = 1000
+TRAIN_IMAGES = 1_281_167  # in the ten train batches (ILSVRC-2012's training set; val_data.npz: 50,000)
 
 # npz format version -> reader of the .npy header (version 3.0 is only for unicode field names)
 _HEADER_READERS = {

@@ -33,6 +33,8 @@ class DatasetRecord:
     load: Callable[..., RawSplits]
     # (root, download) -> None: fetch missing files when allowed, else fail naming them (rank 0 only)
     prepare: Callable[[Path, bool], None]
+    train_images: int | None = None  # images in the official training split; None: whatever the folder holds
+    held_out_splits: int = 1  # splits held out of train (val; folder: val and test; 0 with an official val)
     fixed_num_levels: int | None = None  # K when the dataset stores levels (digits: 17), else 2**n_bits
     needs_path: bool = False  # data.path names the images (folder)
 
@@ -41,6 +43,7 @@ def _torchvision(name: str) -> DatasetRecord:
     spec = torchvision_sets.SETS[name]
     return DatasetRecord(
         name=name, channels=spec.channels, stored_size=spec.stored_size, num_classes=spec.num_classes,
+        train_images=spec.train_images, held_out_splits=0 if spec.official_val else 1,
         load=lambda root, path, **split: torchvision_sets.load(name, root, **split),
         prepare=lambda root, download: torchvision_sets.prepare(name, root, download=download))
 
@@ -50,6 +53,7 @@ def _imagenet(size: int, release) -> DatasetRecord:
     return DatasetRecord(
         name=f"imagenet{size}_chrabaszcz" if chrabaszcz else f"imagenet{size}", channels=3, stored_size=(size, size),
         num_classes=imagenet_chrabaszcz.NUM_CLASSES if chrabaszcz else None,
+        train_images=imagenet_chrabaszcz.TRAIN_IMAGES if chrabaszcz else imagenet_oord.TRAIN_IMAGES,
         load=lambda root, path, **split: release.load(root, size=size, **split),
         prepare=lambda root, download: release.check_files(root, size) and None)
 
@@ -67,10 +71,11 @@ DATASETS: dict[str, DatasetRecord] = {
     "imagenet32_chrabaszcz": _imagenet(32, imagenet_chrabaszcz),
     "imagenet64_chrabaszcz": _imagenet(64, imagenet_chrabaszcz),
     "folder": DatasetRecord(
-        name="folder", channels=3, stored_size=None, num_classes=None, needs_path=True,
+        name="folder", channels=3, stored_size=None, num_classes=None, needs_path=True, held_out_splits=2,
         load=lambda root, path, **split: folder.load(path, **split), prepare=_no_files),
     "digits": DatasetRecord(
         name="digits", channels=1, stored_size=(digits.NATIVE_SIZE, digits.NATIVE_SIZE), num_classes=digits.NUM_CLASSES,
+        train_images=digits.NUM_IMAGES,
         fixed_num_levels=digits.NUM_LEVELS, load=lambda root, path, **split: digits.load(**split),
         prepare=_no_files),
 }

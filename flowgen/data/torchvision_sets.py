@@ -181,6 +181,7 @@ class TorchvisionSet:
     geometry: Callable[[int], list]  # image_size -> transforms from the native size
     channels: int  # of the stored images
     stored_size: tuple[int, int]  # (height, width) of the stored images
+    train_images: int  # in the official training split
     num_classes: int | None
     official_val: bool = False  # False: val is held out of train
 
@@ -194,6 +195,7 @@ SETS: dict[str, TorchvisionSet] = {
         geometry=lambda size: resize_square(32, size),
         channels=3,
         stored_size=(32, 32),
+        train_images=50_000,
         num_classes=10,
     ),
     "mnist": TorchvisionSet(
@@ -204,6 +206,7 @@ SETS: dict[str, TorchvisionSet] = {
         geometry=lambda size: pad_or_resize(28, size),
         channels=1,
         stored_size=(28, 28),
+        train_images=60_000,
         num_classes=10,
     ),
     "fashion_mnist": TorchvisionSet(
@@ -214,6 +217,7 @@ SETS: dict[str, TorchvisionSet] = {
         geometry=lambda size: pad_or_resize(28, size),
         channels=1,
         stored_size=(28, 28),
+        train_images=60_000,
         num_classes=10,
     ),
     # torchvision's SVHN keeps its .mat files directly in its root: give it root/svhn.
@@ -227,6 +231,7 @@ SETS: dict[str, TorchvisionSet] = {
         geometry=lambda size: resize_square(32, size),
         channels=3,
         stored_size=(32, 32),
+        train_images=73_257,
         num_classes=10,
     ),
     # 178x218 aligned faces; the 148x148 centre crop is the RealNVP paper's (Dinh et al. 2017).
@@ -238,6 +243,7 @@ SETS: dict[str, TorchvisionSet] = {
         geometry=lambda size: crop_then_resize(148, size),
         channels=3,
         stored_size=(218, 178),
+        train_images=162_770,
         num_classes=None,
         official_val=True,
     ),
