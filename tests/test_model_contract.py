@@ -16,7 +16,7 @@ from flowgen.cli.manipulate import edit_attribute
 from flowgen.cli.ood_histogram import ood_histogram
 from flowgen.cli.sample import sample
 from flowgen.cli.train import train
-from flowgen.models import Glow, RealNVP, TarFlow
+from flowgen.models import CNF, Glow, RealNVP, TarFlow
 from flowgen.models.base import FlowModel
 from tests.conftest import initialize_actnorms, jacobian_logdets, perturb_parameters
 from tests.helpers.contract_model import PixelwiseFlow
@@ -34,6 +34,9 @@ FAMILIES = {
     "pixelwise": lambda: PixelwiseFlow(1, 4, num_classes=3),
     "tarflow": lambda: TarFlow(1, 4, patch_size=2, width=8, num_blocks=2, layers_per_block=1, num_heads=2,
                                num_classes=3, label_drop=0.1),
+    # 20 RK4 steps of a tiny velocity: the solved map's exactness is the solver's (tests/test_cnf.py: dopri5)
+    "cnf": lambda: CNF(1, 4, velocity="mlp", hidden=4, depth=1, num_classes=3, label_drop=0.1, solver="rk4",
+                       step_size=0.05),
 }
 
 

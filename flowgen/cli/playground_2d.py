@@ -21,7 +21,7 @@ from flowgen.checks import validated
 from flowgen.errors import UserError
 from flowgen.playground.densities import sample_density
 from flowgen.playground.figures import density_figure, evolution_figure
-from flowgen.playground.flows2d import build_flow
+from flowgen.playground.flows2d import build_cnf, build_flow
 from flowgen.playground.grid import integrate
 from flowgen.playground.model import FlowDensity2d
 from flowgen.playground.training import mean_nll, train
@@ -38,13 +38,21 @@ def playground_2d(cfg: DictConfig) -> dict:
     seed = cfg.train.seed
     torch.manual_seed(seed)
     data_rng = np.random.default_rng(seed)
-    model = FlowDensity2d(build_flow(cfg.flow.num_layers, cfg.flow.coupling, cfg.flow.hidden, cfg.flow.actnorm,
-                                     cfg.flow.scale_bound, cfg.flow.spline_bins, cfg.flow.spline_bound,
-                                     kind=cfg.flow.kind))
-    coupling = cfg.flow.kind == "coupling"
-    blocks = "couplings" if coupling else f"{str(cfg.flow.kind).upper()} layers"
-    name = f"{cfg.density}, {cfg.flow.num_layers} {cfg.flow.coupling} {blocks}"
-    stem = f"{cfg.density}_{cfg.flow.coupling}" if coupling else f"{cfg.density}_{cfg.flow.kind}_{cfg.flow.coupling}"
+    flow = cfg.flow
+    if flow.kind == "cnf":
+        model = FlowDensity2d(build_cnf(flow.num_layers, flow.hidden, solver=str(flow.solver), rtol=flow.rtol,
+                                        atol=flow.atol, step_size=flow.step_size), str(flow.objective))
+        name = f"{cfg.density}, a CNF ({flow.num_layers} time segments) by {flow.objective}"
+        stem = f"{cfg.density}_cnf_{flow.objective}"
+    else:
+        if flow.objective != "likelihood":
+            raise UserError(f"flow.objective={flow.objective} trains a continuous flow; use flow.kind=cnf")
+        model = FlowDensity2d(build_flow(flow.num_layers, flow.coupling, flow.hidden, flow.actnorm, flow.scale_bound,
+                                         flow.spline_bins, flow.spline_bound, kind=flow.kind))
+        coupling = flow.kind == "coupling"
+        blocks = "couplings" if coupling else f"{str(flow.kind).upper()} layers"
+        name = f"{cfg.density}, {flow.num_layers} {flow.coupling} {blocks}"
+        stem = f"{cfg.density}_{flow.coupling}" if coupling else f"{cfg.density}_{flow.kind}_{flow.coupling}"
     print(f"fitting {name} ({sum(p.numel() for p in model.parameters())} parameters), {cfg.train.steps} steps",
           flush=True)
     start = time.perf_counter()

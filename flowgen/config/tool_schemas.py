@@ -53,7 +53,8 @@ from flowgen.data.splits import SPLITS
 from flowgen.latents import METHODS
 from flowgen.playground.densities import DENSITIES
 from flowgen.playground.flows2d import COUPLINGS as COUPLINGS_2D
-from flowgen.playground.flows2d import FLOW_KINDS as FLOW_KINDS_2D
+from flowgen.playground.flows2d import PLAYGROUND_KINDS as FLOW_KINDS_2D
+from flowgen.playground.model import OBJECTIVES_2D
 from flowgen.sample_quality import METRICS
 from flowgen.sampling import SAMPLE_MODES
 
@@ -64,6 +65,7 @@ Interpolation = choices("Interpolation", METHODS)
 Density = choices("Density", DENSITIES)
 Coupling2D = choices("Coupling2D", COUPLINGS_2D)
 FlowKind2D = choices("FlowKind2D", FLOW_KINDS_2D)
+Objective2D = choices("Objective2D", OBJECTIVES_2D)
 EvalMetric = choices("EvalMetric", METRICS)
 
 POSITIVE_FINITE = (POSITIVE, FINITE)
@@ -217,7 +219,7 @@ class OodHistogramConfig:
 
 @dataclass
 class Flow2DConfig:
-    kind: FlowKind2D = FlowKind2D.coupling  # coupling | maf | iaf; flow.coupling is the transform of each
+    kind: FlowKind2D = FlowKind2D.coupling  # coupling | maf | iaf | cnf; flow.coupling is the transform of each
     coupling: Coupling2D = Coupling2D.affine
     num_layers: int = checked(8, AT_LEAST_ONE)
     hidden: int = checked(64, AT_LEAST_ONE)
@@ -225,6 +227,12 @@ class Flow2DConfig:
     scale_bound: float = checked(2.0, *POSITIVE_FINITE)
     spline_bins: int = checked(8, at_least(2))
     spline_bound: float = checked(4.0, *POSITIVE_FINITE)
+    # flow.kind=cnf: how it trains, and its ODE solver (a torchdiffeq method, tolerances, or a fixed step)
+    objective: Objective2D = Objective2D.likelihood
+    solver: ODESolver = ODESolver.dopri5
+    rtol: float = checked(1e-5, *POSITIVE_FINITE)
+    atol: float = checked(1e-5, *POSITIVE_FINITE)
+    step_size: float | None = checked(None, POSITIVE, closed_interval(0, 1))
 
 
 @dataclass

@@ -220,6 +220,8 @@ class ContinuousFlow(Flow):
         with torch.inference_mode(False):
             if torch.is_inference(x):  # a tensor made in inference mode cannot enter autograd: copy it out
                 x = x.clone()
+            if cond is not None and torch.is_inference(cond):
+                cond = cond.clone()
             probes = trace.draw(x, generator) if needs_graph and trace.estimator == "hutchinson" else None
             self.dynamics.setup(cond, probes, trace=needs_graph, regularise=regularise,
                                 create_graph=grad and (needs_graph or self.solver.adjoint))

@@ -41,6 +41,7 @@ from torch import nn
 
 from flowgen.errors import InvalidValueError
 from flowgen.flows.base import no_autocast
+from flowgen.flows.flow_matching import flow_matching_loss
 from flowgen.flows.ode import ContinuousFlow, SolverOptions, TraceOptions
 from flowgen.flows.prior import standard_normal_log_prob
 from flowgen.flows.velocity import VELOCITY_NETS, VelocityMLP, VelocityUNet
@@ -201,13 +202,8 @@ class CNF(FlowModel):
         return TrainingLoss(log_prob=log_p, penalty=penalty, metrics=metrics)
 
     def flow_matching_loss(self, y: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """(1/D) ||v(z_t, t, c) - (ε - y)||² per image, z_t = (1 - t) y + t ε, t ~ U(0, 1), ε ~ N(0, I)."""
-        t = torch.rand(y.shape[0], device=y.device, dtype=y.dtype)
-        noise = torch.randn_like(y)
-        t_ = t.view(-1, *([1] * (y.dim() - 1)))
-        z_t = (1 - t_) * y + t_ * noise
-        v = self.flow.velocity(z_t, t, labels)
-        return (v.float() - (noise - y).float()).pow(2).flatten(1).mean(1)
+        """(1/D) ||v(z_t, t, c) - (ε - y)||² per image (``flowgen.flows.flow_matching``)."""
+        return flow_matching_loss(self.flow.velocity, y, labels)
 
     # -- latent -> data ---------------------------------------------------------------------------
     def _latent(self, latents) -> torch.Tensor:

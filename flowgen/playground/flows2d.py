@@ -21,7 +21,13 @@ maf, iaf  masked autoregressive layers (``flowgen.flows.autoregressive``): every
           consecutive layers alternate the order (0, 1, ..., D-1, then reversed).  MAF computes the
           density in one pass and samples in D passes, IAF the opposite.
 
-All Jacobians are triangular, so the log-determinants are the sums above.  The conditioners'
+cnf       a continuous normalizing flow (``build_cnf``): dz/dt = v(z, t) on t ∈ [0, 1] with a velocity MLP
+          (``flowgen.flows.velocity``), log|det| = ∫ tr(∂v/∂z) dt with the exact trace (D = 2: two
+          vector-Jacobian products per evaluation).  Its "layers" are the ODE's solution maps over
+          ``num_layers`` equal time segments [j/n, (j+1)/n], sharing the one velocity field; trained by
+          maximum likelihood or by flow matching (``FlowDensity2d``'s objective).
+
+The discrete kinds' Jacobians are triangular, so their log-determinants are the sums above.  The conditioners'
 last layers start at zero, so s = t = 0 and all spline parameters are 0: every layer starts as the
 identity.
 
@@ -40,10 +46,14 @@ from flowgen.errors import InvalidValueError
 from flowgen.flows.actnorm import ActNorm
 from flowgen.flows.autoregressive import MaskedAutoregressive
 from flowgen.flows.base import Flow, FlowSequence, sum_except_batch, zero_logdet
+from flowgen.flows.flow_matching import flow_matching_loss
+from flowgen.flows.ode import ContinuousFlow, SolverOptions, TraceOptions
+from flowgen.flows.velocity import VelocityMLP
 from flowgen.transforms import ElementwiseTransform, TransformOptions, make_transform
 
 COUPLINGS = ("affine", "spline")  # the transform of every kind of layer (the config key is flow.coupling)
-FLOW_KINDS = ("coupling", "maf", "iaf")
+FLOW_KINDS = ("coupling", "maf", "iaf")  # the kinds of discrete layer (``build_flow``)
+PLAYGROUND_KINDS = (*FLOW_KINDS, "cnf")  # the config's flow.kind: those, or a continuous flow (``build_cnf``)
 
 
 def mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
@@ -162,3 +172,34 @@ def build_flow(num_layers: int, coupling: str, hidden: int, actnorm: bool = True
             layer = MaskedAutoregressive(dim, hidden, transform, kind, order=None if j % 2 == 0 else "reverse")
         blocks.append(FlowSequence([VectorActNorm(dim), layer] if actnorm else [layer]))
     return FlowSequence(blocks)
+
+
+class ContinuousFlowSequence(FlowSequence):
+    """The solution map of dz/dt = v(z, t) over [0, 1], as ``num_segments`` ODE solves over equal time segments
+    (``ContinuousFlow``) that share the velocity ``v``; ``flow_matching_loss`` trains v by regression."""
+
+    def __init__(self, velocity: nn.Module, num_segments: int, solver: SolverOptions):
+        exact = TraceOptions("exact")
+        super().__init__([ContinuousFlow(velocity, j / num_segments, (j + 1) / num_segments, solver, exact, exact)
+                          for j in range(num_segments)])
+        self.velocity = velocity
+
+    def flow_matching_loss(self, x: torch.Tensor) -> torch.Tensor:
+        return flow_matching_loss(self.velocity, x)
+
+    @property
+    def nfe(self) -> int:
+        """Function evaluations of the last pass through all segments."""
+        return sum(flow.nfe for flow in self.flows)
+
+
+def build_cnf(num_layers: int, hidden: int, dim: int = 2, solver: str = "dopri5", rtol: float = 1e-5,
+              atol: float = 1e-5, step_size: float | None = None) -> ContinuousFlowSequence:
+    """A CNF on (B, ``dim``) vectors: a velocity MLP (three hidden layers of width ``hidden`` with a time
+    embedding) solved by torchdiffeq's ``solver`` over ``num_layers`` time segments (module docstring)."""
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
+    if not isinstance(hidden, int) or hidden < 1:
+        raise ValueError(f"hidden must be an integer >= 1, got {hidden!r}")
+    return ContinuousFlowSequence(VelocityMLP(dim, hidden, depth=3), num_layers,
+                                  SolverOptions(solver, rtol, atol, step_size))

@@ -9,6 +9,9 @@ h_j has a density too, by the same change of variables through the blocks after 
     log p_j(y) = log N(f_n ∘ … ∘ f_{j+1}(y); 0, I) + Σ_{i > j} log|det ∂f_i|
 
 which is what the layer-by-layer figure draws: p_n is the Gaussian, p_0 the model's p(x).
+
+Training minimises ``training_loss``: -log p(x) (maximum likelihood), or for a continuous flow
+(``flows2d.build_cnf``) with objective "flow_matching" the flow-matching regression loss instead.
 """
 
 from __future__ import annotations
@@ -18,14 +21,28 @@ from torch import nn
 
 from flowgen.flows.base import FlowSequence, zero_logdet
 from flowgen.flows.prior import standard_normal_log_prob
+from flowgen.playground.flows2d import ContinuousFlowSequence
+
+OBJECTIVES_2D = ("likelihood", "flow_matching")
 
 
 class FlowDensity2d(nn.Module):
     """p(x) of a FlowSequence of blocks on N(0, I); ``blocks[j]`` is f_{j+1} in the module docstring."""
 
-    def __init__(self, blocks: FlowSequence):
+    def __init__(self, blocks: FlowSequence, objective: str = "likelihood"):
         super().__init__()
+        if objective not in OBJECTIVES_2D:
+            raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES_2D)}")
+        if objective == "flow_matching" and not isinstance(blocks, ContinuousFlowSequence):
+            raise ValueError("objective=flow_matching trains a continuous flow's velocity: use flow.kind=cnf")
         self.blocks = blocks
+        self.objective = objective
+
+    def training_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Per point (B,): -log p(x) in nats, or the flow-matching loss (objective="flow_matching")."""
+        if self.objective == "flow_matching":
+            return self.blocks.flow_matching_loss(x)
+        return -self.log_prob(x)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x), shape (B,), in nats."""

@@ -1,6 +1,7 @@
-"""Maximum likelihood on fresh samples: a plain loop (the image models train with Lightning).
+"""Maximum likelihood (or flow matching) on fresh samples: a plain loop (the image models train with Lightning).
 
     loss = -(1/B) Σ_b log p(x_b),   x_b drawn anew from the toy density at every step
+    (a continuous flow trained by flow matching: the mean of its regression loss, ``FlowDensity2d.training_loss``)
 
 Adam with a cosine learning-rate decay to 0 (the density sharpens in the last steps) and the
 gradient norm clipped, as in the image models.  The data never repeat, so there is no
@@ -28,7 +29,7 @@ def train(model: FlowDensity2d, sample_batch: Callable[[int], torch.Tensor], ste
     model.train()
     losses = []
     for step in range(1, steps + 1):
-        loss = -model.log_prob(sample_batch(batch_size)).mean()
+        loss = model.training_loss(sample_batch(batch_size)).mean()
         if not torch.isfinite(loss):
             raise UserError(f"training diverged at step {step} (loss {loss.item()}); lower train.lr (now {lr})")
         optimizer.zero_grad(set_to_none=True)
@@ -38,7 +39,8 @@ def train(model: FlowDensity2d, sample_batch: Callable[[int], torch.Tensor], ste
         schedule.step()
         losses.append(loss.item())
         if log_every and (step % log_every == 0 or step == steps):
-            log(f"step {step:5d}/{steps}  nll {loss.item():.4f} nats")
+            name = "nll" if model.objective == "likelihood" else "flow-matching loss"
+            log(f"step {step:5d}/{steps}  {name} {loss.item():.4f}{' nats' if name == 'nll' else ''}")
     model.eval()
     return losses
 
