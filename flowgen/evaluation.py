@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from flowgen.dequantization.base import Generators
 from flowgen.errors import InvalidValueError
+from flowgen.flows.noise import Generators
 from flowgen.likelihood import bits_per_dim, importance_weighted_bound, log_likelihood_bound
 
 

@@ -23,26 +23,14 @@ rounding artefacts, and afterwards ``quantize(y, K) == x`` holds exactly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
 from flowgen.errors import InvalidValueError
+from flowgen.flows.noise import Generators, noise_like
 from flowgen.likelihood import dequantize, quantize
 
 # one generator for the batch, one per image, or None for the global RNG
-Generators = torch.Generator | Sequence[torch.Generator] | None
-
-
-def noise_like(draw, x: torch.Tensor, generator: Generators = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Noise shaped like x from ``draw`` (torch.rand, torch.randn), drawn from ``generator``; with a sequence
-    of generators, image i's noise comes from generator i, whatever the batch it is in."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return draw(x.shape, device=x.device, dtype=dtype, generator=generator)
-    if len(generator) != x.shape[0]:
-        raise InvalidValueError(f"{len(generator)} generators for a batch of {x.shape[0]} images")
-    return torch.stack([draw(x.shape[1:], device=x.device, dtype=dtype, generator=g) for g in generator])
 
 
 def uniform_noise(x: torch.Tensor, generator: Generators = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:

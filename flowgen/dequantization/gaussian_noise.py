@@ -48,7 +48,7 @@ import math
 import torch
 from torch.special import log_ndtr
 
-from flowgen.dequantization.base import Generators, noise_like
+from flowgen.flows.noise import Generators, noise_like
 
 
 def log1mexp(t: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,10 @@ import math
 
 import torch
 
-from flowgen.dequantization.base import Dequantization, Generators, uniform_noise
+from flowgen.dequantization.base import Dequantization, uniform_noise
 from flowgen.dequantization.gaussian_noise import gaussian_noise, noise_log_normalizer
 from flowgen.errors import InvalidValueError
+from flowgen.flows.noise import Generators
 
 
 class UniformDequantization(Dequantization):

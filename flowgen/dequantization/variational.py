@@ -34,11 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowgen.dequantization.base import Dequantization, Generators, uniform_noise
+from flowgen.dequantization.base import Dequantization, uniform_noise
 from flowgen.errors import InvalidValueError
 from flowgen.flows.base import Flow, FlowSequence, no_autocast, sum_except_batch
 from flowgen.flows.coupling import Coupling
 from flowgen.flows.nets import ResNetConditioner
+from flowgen.flows.noise import Generators
 
 
 def log_sigmoid_derivative(t: torch.Tensor) -> torch.Tensor:

@@ -41,9 +41,9 @@ import torch
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from flowgen.dequantization.base import Generators, noise_like
 from flowgen.errors import InvalidValueError
 from flowgen.flows.base import Flow, logdet_dtype
+from flowgen.flows.noise import Generators, noise_like
 
 # the torchdiffeq methods (explicit ones: implicit Adams and scipy's wrapper need other options)
 ODE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "euler", "midpoint", "heun2", "heun3",
