@@ -50,7 +50,7 @@ def images(n: int = 4) -> torch.Tensor:
 def test_exact_trace_is_the_log_det_of_the_solved_map_and_inverse_returns_x():
     """log|det| from the ODE with the exact trace = log|det| of the autograd Jacobian of the solved map, and
     forward then inverse gives x back, both within the adaptive solver's tolerance (dopri5, 1e-7)."""
-    model, x = tiny_cnf(solver="dopri5", rtol=1e-7, atol=1e-7), images(3)
+    model, x = tiny_cnf(solver="dopri5", rtol=1e-7, atol=1e-7, data_scale=2.0), images(3)
     z, logdet = model(x)
     assert logdet.abs().min() > 0.05  # not the identity
     assert torch.allclose(logdet, jacobian_logdets(lambda v: model(v)[0], x), atol=1e-5, rtol=0)
@@ -58,6 +58,9 @@ def test_exact_trace_is_the_log_det_of_the_solved_map_and_inverse_returns_x():
     assert (back - x).abs().max() < 1e-5 and torch.allclose(inverse_logdet, -logdet, atol=1e-5, rtol=0)
     assert (model.invert(z) - back).abs().max() < 1e-5
     assert model.reconstruction_errors(x)["ode"] < 1e-5
+    parts = model.log_prob_parts(x)
+    assert torch.allclose(parts.terms["scale/logdet"], torch.full((3,), 4 * math.log(2.0), dtype=torch.float64))
+    assert torch.allclose(parts.total(), model.log_prob(x), atol=1e-10)
 
 
 @pytest.mark.parametrize("probe", ["rademacher", "gaussian"])

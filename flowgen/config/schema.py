@@ -183,6 +183,7 @@ class CNFConfig:
     adjoint: bool = False
     kinetic_energy: float = checked(0.0, NON_NEGATIVE, FINITE)
     jacobian_norm: float = checked(0.0, NON_NEGATIVE, FINITE)
+    data_scale: float = checked(1.0, *POSITIVE_FINITE)
 
 
 # ---------------------------------------------------------------- data, dequantization, optimizer

@@ -1,9 +1,12 @@
 r"""Continuous normalizing flows (FFJORD, Grathwohl et al. 2019) trained by maximum likelihood or by flow matching.
 
-The map.  One ODE on t ∈ [0, 1] carries the dequantized image y (t = 0, the data side) to the latent z (t = 1):
+The map.  A fixed scale s (``data_scale``) and one ODE on t ∈ [0, 1] carry the dequantized image y to the latent:
 
-    dz/dt = v(z(t), t, c),   z(0) = y,   f(y) = z(1) ~ N(0, I),
-    log p(y | c) = log N(f(y); 0, I) + ∫_0^1 tr(∂v/∂z) dt          (instantaneous change of variables)
+    dz/dt = v(z(t), t, c),   z(0) = s·y,   f(y) = z(1) ~ N(0, I),
+    log p(y | c) = log N(f(y); 0, I) + ∫_0^1 tr(∂v/∂z) dt + D log s          (instantaneous change of variables)
+
+(s brings y ∈ [-1/2, 1/2) to about the prior's unit scale, so the ODE need not learn a global contraction; the
+noise-to-data path of flow matching runs between N(0, I) and s·y.)
 
 (``flowgen.flows.ode.ContinuousFlow``; v is a small U-Net with a time and class embedding, or an MLP on the
 flattened image, ``flowgen.flows.velocity``).  Sampling solves the same ODE from t = 1 back to t = 0 starting
@@ -71,6 +74,7 @@ class CNF(FlowModel):
     eval_trace, eval_probes: the estimator in eval mode (validation, evaluate.py): exact, or Hutchinson with
         K >= 2 probes (so that its standard error is known).
     solver, rtol, atol, step_size, adjoint: torchdiffeq's method, tolerances, fixed step and the adjoint ODE.
+    data_scale: s, the fixed scale of the input before the ODE (log|det| D log s).
     kinetic_energy, jacobian_norm: RNODE weights λ_K, λ_J (objective=likelihood).
     """
 
@@ -99,6 +103,7 @@ class CNF(FlowModel):
         adjoint: bool = False,
         kinetic_energy: float = 0.0,
         jacobian_norm: float = 0.0,
+        data_scale: float = 1.0,
     ):
         super().__init__()
         check_positive(in_channels=in_channels, width=width, levels=levels, blocks=blocks, hidden=hidden, depth=depth)
@@ -115,6 +120,8 @@ class CNF(FlowModel):
         for name, value in (("kinetic_energy", kinetic_energy), ("jacobian_norm", jacobian_norm)):
             if not (math.isfinite(value) and value >= 0):
                 raise InvalidValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (math.isfinite(data_scale) and data_scale > 0):
+            raise InvalidValueError(f"data_scale must be a finite number > 0, got {data_scale!r}")
         if eval_trace == "hutchinson" and eval_probes < 2:
             raise InvalidValueError(f"eval_trace=hutchinson needs eval_probes >= 2 to know its standard error, got "
                              f"{eval_probes}")
@@ -123,6 +130,8 @@ class CNF(FlowModel):
         self.label_drop, self.objective = float(label_drop), objective
         self.kinetic_energy, self.jacobian_norm = float(kinetic_energy), float(jacobian_norm)
         self.num_dims = in_channels * image_size**2
+        self.data_scale = float(data_scale)
+        self.scale_logdet = self.num_dims * math.log(self.data_scale)  # D log s
         if velocity == "unet":
             net = VelocityUNet(in_channels, width, levels, blocks, num_classes)
         else:
@@ -158,18 +167,18 @@ class CNF(FlowModel):
 
     # -- data -> latent ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, y=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x -> (z = z(1), ∫ tr(∂v/∂z) dt) with this mode's trace estimator (exact in eval mode by default)."""
+        """x -> (z = z(1), ∫ tr(∂v/∂z) dt + D log s), the trace by this mode's estimator (eval: exact by default)."""
         with no_autocast(x):
-            solution = self.flow.solve(x, self._labels(y, x.shape[0], x.device))
-        return solution.z, solution.logdet
+            solution = self.flow.solve(x * self.data_scale, self._labels(y, x.shape[0], x.device))
+        return solution.z, solution.logdet + self.scale_logdet
 
     def log_prob_estimate(self, x: torch.Tensor, y=None, generator=None) -> LogProbEstimate:
-        """log p(x | y) = log N(z(1)) + ∫ tr dt, its standard error (0 for the exact trace) and {"nfe": ...};
-        Hutchinson probes from ``generator`` (one, or one per image)."""
+        """log p(x | y) = log N(z(1)) + ∫ tr dt + D log s, its standard error (0 for the exact trace) and
+        {"nfe": ...}; Hutchinson probes from ``generator`` (one, or one per image)."""
         labels = self._training_labels(y, x.shape[0], x.device)
         with no_autocast(x):
-            solution = self.flow.solve(x, labels, generator=generator)
-            log_p = standard_normal_log_prob(solution.z) + solution.logdet
+            solution = self.flow.solve(x * self.data_scale, labels, generator=generator)
+            log_p = standard_normal_log_prob(solution.z) + solution.logdet + self.scale_logdet
         return LogProbEstimate(log_p, solution.std_error, {"nfe": float(solution.nfe)})
 
     def log_prob(self, x: torch.Tensor, y=None) -> torch.Tensor:
@@ -177,22 +186,26 @@ class CNF(FlowModel):
         return self.log_prob_estimate(x, y).log_prob
 
     def log_prob_parts(self, x: torch.Tensor, y=None) -> LogProbParts:
-        """Terms "ode/logdet" (∫ tr(∂v/∂z) dt) and "prior" (log N(z(1); 0, I)); no elementwise log-derivatives."""
+        """Terms "scale/logdet" (D log s), "ode/logdet" (∫ tr(∂v/∂z) dt) and "prior" (log N(z(1); 0, I));
+        no elementwise log-derivatives."""
         labels = self._training_labels(y, x.shape[0], x.device)
         with no_autocast(x):
-            solution = self.flow.solve(x, labels)
-            return LogProbParts({"ode/logdet": solution.logdet, "prior": standard_normal_log_prob(solution.z)})
+            solution = self.flow.solve(x * self.data_scale, labels)
+            scale = torch.full_like(solution.logdet, self.scale_logdet)
+            return LogProbParts({"scale/logdet": scale, "ode/logdet": solution.logdet,
+                                 "prior": standard_normal_log_prob(solution.z)})
 
     # -- training ---------------------------------------------------------------------------------
     def training_loss(self, y: torch.Tensor, labels=None) -> TrainingLoss:
         """objective=likelihood: log p(y | c) with RNODE penalties; objective=flow_matching: the regression loss."""
         labels = self._training_labels(labels, y.shape[0], y.device)
         if self.objective == "flow_matching":
-            return TrainingLoss(loss=self.flow_matching_loss(y, labels), name="fm_mse", metrics={"nfe": 1.0})
+            return TrainingLoss(loss=self.flow_matching_loss(y * self.data_scale, labels), name="fm_mse",
+                                metrics={"nfe": 1.0})
         regularise = self.kinetic_energy > 0 or self.jacobian_norm > 0
         with no_autocast(y):
-            solution = self.flow.solve(y, labels, regularise=regularise)
-            log_p = standard_normal_log_prob(solution.z) + solution.logdet
+            solution = self.flow.solve(y * self.data_scale, labels, regularise=regularise)
+            log_p = standard_normal_log_prob(solution.z) + solution.logdet + self.scale_logdet
         metrics: dict = {"nfe": float(solution.nfe)}
         penalty = None
         if regularise:
@@ -202,7 +215,7 @@ class CNF(FlowModel):
         return TrainingLoss(log_prob=log_p, penalty=penalty, metrics=metrics)
 
     def flow_matching_loss(self, y: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """(1/D) ||v(z_t, t, c) - (ε - y)||² per image (``flowgen.flows.flow_matching``)."""
+        """(1/D) ||v(z_t, t, c) - (ε - y)||² per image of ODE inputs y (already scaled by s)."""
         return flow_matching_loss(self.flow.velocity, y, labels)
 
     # -- latent -> data ---------------------------------------------------------------------------
@@ -213,16 +226,17 @@ class CNF(FlowModel):
         return parts[0]
 
     def inverse(self, latents, y=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """z -> (x = z(0) solved backwards, log|det ∂x/∂z| = -∫_0^1 tr dt along that path)."""
+        """z -> (x = z(0)/s solved backwards, log|det ∂x/∂z| = -∫_0^1 tr dt - D log s along that path)."""
         z = self._latent(latents)
         with no_autocast(z):
             solution = self.flow.solve(z, self._labels(y, z.shape[0], z.device), reverse=True)
-        return solution.z, solution.logdet
+        return solution.z / self.data_scale, solution.logdet - self.scale_logdet
 
     def invert(self, latents, y=None) -> torch.Tensor:
         z = self._latent(latents)
         with no_autocast(z):
-            return self.flow.solve(z, self._labels(y, z.shape[0], z.device), reverse=True, logdet=False).z
+            x = self.flow.solve(z, self._labels(y, z.shape[0], z.device), reverse=True, logdet=False).z
+        return x / self.data_scale
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, y=None, generator=None, *, solver: str | None = None,
@@ -247,9 +261,10 @@ class CNF(FlowModel):
         """max |f^{-1}(f(x)) - x| of the one ODE (∅ labels): the solver's round trip."""
         labels = self._labels(None, x.shape[0], x.device)
         with no_autocast(x):
-            z = self.flow.solve(x, labels, logdet=False).z
+            h = x * self.data_scale
+            z = self.flow.solve(h, labels, logdet=False).z
             back = self.flow.solve(z, labels, reverse=True, logdet=False).z
-        return {"ode": (back - x).abs().max().item()}
+        return {"ode": (back - h).abs().max().item()}
 
 
 class FlatVelocity(nn.Module):
