@@ -1,5 +1,9 @@
 """The continuous normalizing flow (model=cnf, flowgen/models/cnf.py, flowgen/flows/ode.py): exact through the
-public API on small D in float64, its two objectives, its estimator's standard error, and the tools."""
+public API on small D in float64, its two objectives, its estimator's standard error, the tools and its benchmark.
+
+Tests of: flowgen/flows/velocity.py, flowgen/flows/flow_matching.py, flowgen/benchmark/cnf.py,
+flowgen/cli/cnf_benchmark.py, flowgen/playground/peer.py.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from flowgen.benchmark.cnf import markdown_table, sampling_speed, tolerance_table
+from flowgen.cli.cnf_benchmark import cnf_benchmark
 from flowgen.cli.errors import run_reporting_errors
 from flowgen.cli.evaluate import evaluate
 from flowgen.cli.playground_2d import playground_2d
@@ -23,6 +29,7 @@ from flowgen.playground.densities import sample_density
 from flowgen.playground.flows2d import build_cnf, build_flow
 from flowgen.playground.grid import integrate
 from flowgen.playground.model import FlowDensity2d
+from flowgen.playground.peer import playground_peer
 from flowgen.playground.training import mean_nll
 from flowgen.playground.training import train as train_2d
 from tests.conftest import jacobian_logdets, perturb_parameters
@@ -210,3 +217,20 @@ def test_playground_options_of_a_cnf_are_one_line_errors(tmp_path, capsys):
             run_reporting_errors(playground_2d, composed_2d([*TINY_2D, *override.split(), f"output_dir={tmp_path}"]))
         lines = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith(message)
+
+
+def test_the_benchmark_commands_print_their_tables(capsys):
+    """scripts/cnf_benchmark.py's three tables, on a tiny saved CNF and a 2-step playground (zuko: the peer)."""
+    model = tiny_cnf(solver="rk4", step_size=0.25).float()
+    batches = [(torch.randint(0, 4, (3, 1, 2, 2)), torch.zeros(3, dtype=torch.long), torch.arange(3))]
+    rows = tolerance_table(model, UniformDequantization(4), batches, [1e-3, 1e-5])
+    assert [r["tolerance"] for r in rows] == [1e-3, 1e-5] and rows[0]["nfe"] == 16  # fixed steps: same NFE
+    assert model.flow.solver.rtol == 1e-5 and model.flow.solver.method == "rk4"  # restored
+    speed = sampling_speed(model, [{"solver": "euler", "step_size": 0.5}, {"solver": "rk4", "step_size": 0.5}], 4)
+    assert [r["nfe"] for r in speed] == [2, 8] and all(r["images_per_sec"] > 0 for r in speed)
+    assert markdown_table(speed).splitlines()[0] == "| solver | step_size | nfe | seconds | images_per_sec |"
+    peers = playground_peer(steps=2, hidden=8, test_points=64, log=lambda line: None)
+    assert len(peers) == 3 and all(math.isfinite(r["test_nll"]) for r in peers) and "zuko" in peers[2]["model"]
+    with pytest.raises(SystemExit):
+        cnf_benchmark(["sampling"])  # argparse: the run is required
+    assert "required: run" in capsys.readouterr().err

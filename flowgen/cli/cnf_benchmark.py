@@ -5,7 +5,7 @@
     playground [--density moons --steps 300]                     the 2-D CNF beside zuko's (NLL, time)
 
 RUN is a run directory or checkpoint of ``model=cnf`` (its last checkpoint, EMA weights when kept).  The work is
-``flowgen.benchmark.cnf``; each command prints a Markdown table.
+``flowgen.benchmark.cnf`` and ``flowgen.playground.peer``; each command prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import argparse
 
 import torch
 
-from flowgen.benchmark.cnf import markdown_table, playground_peer, sampling_speed, tolerance_table
+from flowgen.benchmark.cnf import markdown_table, sampling_speed, tolerance_table
 from flowgen.build import instantiate_data, restore_run
 from flowgen.errors import UserError
 from flowgen.models import CNF
+from flowgen.playground.peer import playground_peer
 
 SAMPLING_SOLVERS = [{"solver": "dopri5", "rtol": 1e-5, "atol": 1e-5}, {"solver": "dopri5", "rtol": 1e-3, "atol": 1e-3},
                     {"solver": "rk4", "step_size": 0.1}, {"solver": "rk4", "step_size": 0.25},

@@ -44,10 +44,10 @@ from flowgen.checks import (
 )
 from flowgen.data.registry import DATASETS
 from flowgen.data.splits import SPLITS
+from flowgen.flows.flow_matching import OBJECTIVES
 from flowgen.flows.memory import MEMORY_MODES
 from flowgen.flows.ode import ODE_SOLVERS, PROBE_KINDS, TRACE_ESTIMATORS
 from flowgen.flows.velocity import VELOCITY_NETS
-from flowgen.models.cnf import OBJECTIVES
 from flowgen.models.glow import PERMUTATIONS
 from flowgen.models.tarflow import INVERSE_METHODS, TARFLOW_MEMORY_MODES
 from flowgen.performance import COMPILE_MODES

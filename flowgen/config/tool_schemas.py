@@ -50,11 +50,11 @@ from flowgen.checks import (
 )
 from flowgen.config.schema import PRECISIONS, InverseMethod, ODESolver, TrainConfig, choices
 from flowgen.data.splits import SPLITS
+from flowgen.flows.flow_matching import OBJECTIVES as OBJECTIVES_2D
 from flowgen.latents import METHODS
 from flowgen.playground.densities import DENSITIES
 from flowgen.playground.flows2d import COUPLINGS as COUPLINGS_2D
 from flowgen.playground.flows2d import PLAYGROUND_KINDS as FLOW_KINDS_2D
-from flowgen.playground.model import OBJECTIVES_2D
 from flowgen.sample_quality import METRICS
 from flowgen.sampling import SAMPLE_MODES
 

@@ -18,6 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# how a continuous flow is trained: maximum likelihood through the ODE, or this regression
+OBJECTIVES = ("likelihood", "flow_matching")
+
 
 def flow_matching_loss(velocity: nn.Module, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
     """(1/D) ||v(z_t, t, c) - (ε - x)||² per sample (B,), float32; t and ε from the global RNG."""

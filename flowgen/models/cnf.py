@@ -44,7 +44,7 @@ from torch import nn
 
 from flowgen.errors import InvalidValueError
 from flowgen.flows.base import no_autocast
-from flowgen.flows.flow_matching import flow_matching_loss
+from flowgen.flows.flow_matching import OBJECTIVES, flow_matching_loss
 from flowgen.flows.ode import ContinuousFlow, SolverOptions, TraceOptions
 from flowgen.flows.prior import standard_normal_log_prob
 from flowgen.flows.velocity import VELOCITY_NETS, VelocityMLP, VelocityUNet
@@ -58,8 +58,6 @@ from flowgen.models.base import (
     latent_list,
 )
 from flowgen.models.validation import check_choice, check_image_size, check_positive
-
-OBJECTIVES = ("likelihood", "flow_matching")
 
 
 class CNF(FlowModel):

@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from flowgen.flows.base import FlowSequence, zero_logdet
+from flowgen.flows.flow_matching import OBJECTIVES as OBJECTIVES_2D
 from flowgen.flows.prior import standard_normal_log_prob
 from flowgen.playground.flows2d import ContinuousFlowSequence
-
-OBJECTIVES_2D = ("likelihood", "flow_matching")
 
 
 class FlowDensity2d(nn.Module):
