@@ -51,8 +51,8 @@ def sampling_speed(model: nn.Module, solvers: list[dict], num_images: int = 64, 
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The rows as a Markdown table (floats to 4 significant digits)."""
-    keys = list(rows[0])
+    """The rows as a Markdown table (floats to 4 significant digits); a key some rows lack is left blank there."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
 
     def cell(v) -> str:
         if isinstance(v, float):
@@ -60,5 +60,5 @@ def markdown_table(rows: list[dict]) -> str:
         return str(v)
 
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r[k]) if k in r else "" for k in keys) + " |" for r in rows]
     return "\n".join(lines)
