@@ -672,3 +672,18 @@ def test_k_is_the_datasets_own_count_or_two_to_the_bits():
         num_levels("digits", 8)
     with pytest.raises(InvalidValueError, match="is not a dataset"):
         num_levels("cifar100", 8)
+
+
+def test_photo_crops_make_a_folder_dataset_without_overlap(tmp_path, capsys):
+    """flowgen/cli/photo_crops.py: 640 crops of scikit-learn's two photographs, split into train/val/test."""
+    from flowgen.cli.photo_crops import run
+
+    run([str(tmp_path)])
+    names = {split: sorted(p.name for p in (tmp_path / split).glob("*.png")) for split in ("train", "val", "test")}
+    assert sum(map(len, names.values())) == 640 and len(names["test"]) == len(names["val"]) == 64
+    assert not set(names["train"]) & set(names["val"]) and not set(names["train"]) & set(names["test"])
+    dm = make("folder", tmp_path, path=str(tmp_path), image_size=32)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (512, 64, 64)
+    with pytest.raises(SystemExit, match="usage"):
+        run([])

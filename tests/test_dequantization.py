@@ -22,6 +22,8 @@ from flowgen.dequantization import (
     level_bounds,
 )
 from flowgen.dequantization.gaussian_noise import log_normal_cdf_difference, noise_log_normalizer
+from flowgen.errors import InvalidValueError
+from flowgen.flows.noise import noise_like
 from flowgen.likelihood import dequantize, log_likelihood_bound, quantize
 from tests.conftest import jacobian_logdets, perturb_parameters
 
@@ -327,3 +329,13 @@ def test_noise_bound_tends_to_the_uniform_bound_as_sigma_goes_to_zero():
     assert torch.allclose(log_q, noise_log_normalizer(y, 1e-4))
     y, log_q = UniformDequantization(17, noise_std=0.1)(x, [torch.Generator().manual_seed(i) for i in range(3)])
     assert y.shape == x.shape and log_q.shape == (3,) and (log_q <= 0).all() and (log_q < -1e-3).any()
+
+
+def test_per_image_generators_give_each_image_its_noise_whatever_its_batch():
+    """flowgen/flows/noise.py: with one generator per image, image i's noise is the same alone or in a batch."""
+    x = torch.zeros(3, 1, 2, 2)
+    batch = noise_like(torch.rand, x, [torch.Generator().manual_seed(s) for s in (5, 6, 7)])
+    alone = noise_like(torch.rand, x[1:2], [torch.Generator().manual_seed(6)])
+    assert torch.equal(batch[1:2], alone) and not torch.equal(batch[0], batch[1])
+    with pytest.raises(InvalidValueError, match="2 generators for a batch of 3 images"):
+        noise_like(torch.randn, x, [torch.Generator(), torch.Generator()])

@@ -11,11 +11,11 @@ from hydra.core.global_hydra import GlobalHydra
 
 from flowgen.cli.errors import run_reporting_errors
 from flowgen.cli.playground_2d import playground_2d
+from flowgen.data.densities2d import DENSITIES, sample_density
 from flowgen.flows.autoregressive import MaskedAutoregressive
 from flowgen.flows.prior import standard_normal_log_prob
-from flowgen.playground.densities import DENSITIES, sample_density
+from flowgen.flows.vector import FLOW_KINDS, AffineCoupling, SplineCoupling, VectorActNorm, build_flow
 from flowgen.playground.figures import density_figure, evolution_figure
-from flowgen.playground.flows2d import FLOW_KINDS, AffineCoupling, SplineCoupling, VectorActNorm, build_flow
 from flowgen.playground.grid import integrate
 from flowgen.playground.model import FlowDensity2d
 from flowgen.playground.training import mean_nll, train

@@ -228,3 +228,14 @@ def test_evaluate_on_other_data_and_a_shape_mismatch(tmp_path):
     assert result["data"] == "folder" and result["num_images"] == 5 and math.isfinite(result["bpd"])
     mismatch = run_entry("evaluate.py", [f"ckpt_path={ckpt}", "data=digits"], tmp_path)
     assert "shape (1, 8, 8)" in error_line(mismatch)
+
+
+def test_readme_figures_from_a_trained_run(trained_digits, tmp_path, capsys):
+    """flowgen/cli/readme_figures.py: the README's sample and interpolation figures from a run directory."""
+    from flowgen.cli.readme_figures import main
+
+    main(["--ckpt-path", str(trained_digits.run_dir), "--per-row", "4", "--upscale", "1", "--out", str(tmp_path)])
+    samples, paths = Image.open(tmp_path / "digits_samples.png"), Image.open(tmp_path / "digits_interpolation.png")
+    # one row per temperature (5) and per interpolated pair (3), 4 images a row in both
+    assert samples.width == paths.width and samples.height > paths.height
+    assert "wrote" in capsys.readouterr().out

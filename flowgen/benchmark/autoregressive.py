@@ -5,7 +5,7 @@
 
 (the command is flowgen/cli/benchmark_autoregressive.py; this module measures and tabulates)
 
-Every flow is ``--layers`` blocks of one kind (``flowgen.playground.flows2d.build_flow``, no ActNorm)
+Every flow is ``--layers`` blocks of one kind (``flowgen.flows.vector.build_flow``, no ActNorm)
 on (B, D) vectors, with the same elementwise transform and conditioners of the same size (two hidden
 layers of width H: the coupling's MLP, the MAF's or IAF's MADE).  Per block, a conditioner pass is
 
@@ -34,7 +34,7 @@ from flowgen.benchmark.measure import median, timed
 from flowgen.flows.autoregressive import MaskedAutoregressive, MaskedLinear
 from flowgen.flows.base import FlowSequence
 from flowgen.flows.prior import standard_normal_log_prob
-from flowgen.playground.flows2d import FLOW_KINDS, build_flow
+from flowgen.flows.vector import FLOW_KINDS, build_flow
 
 
 @dataclass

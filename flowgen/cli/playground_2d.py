@@ -1,6 +1,6 @@
 """``python scripts/playground_2d.py``: fit a 2-D flow to a toy density, check it, draw it.
 
-1. build the flow (``flows2d.build_flow``) on a N(0, I) base (``model.FlowDensity2d``);
+1. build the flow (``flowgen.flows.vector.build_flow``) on a N(0, I) base (``model.FlowDensity2d``);
 2. train it by maximum likelihood on fresh samples (``training.train``);
 3. report the NLL of fresh test points and ∫∫ p(x) dx over a grid (``grid.integrate``; 1 for a
    correctly normalised flow whose mass lies inside the grid);
@@ -18,10 +18,10 @@ import torch
 from omegaconf import DictConfig
 
 from flowgen.checks import validated
+from flowgen.data.densities2d import sample_density
 from flowgen.errors import UserError
-from flowgen.playground.densities import sample_density
+from flowgen.flows.vector import build_cnf, build_flow
 from flowgen.playground.figures import density_figure, evolution_figure
-from flowgen.playground.flows2d import build_cnf, build_flow
 from flowgen.playground.grid import integrate
 from flowgen.playground.model import FlowDensity2d
 from flowgen.playground.training import mean_nll, train

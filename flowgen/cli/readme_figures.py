@@ -32,25 +32,26 @@ def newest_run() -> Path:
     return runs[-1].parents[1]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Make the README's figures from a trained run",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt-path", type=Path, default=None, help="run directory or .ckpt (default: newest run)")
     parser.add_argument("--per-row", type=int, default=12)
     parser.add_argument("--upscale", type=int, default=4)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=FIGURES, help="directory of the figures (default scripts/figures)")
+    args = parser.parse_args(argv)
 
     run = restore_run(args.ckpt_path or newest_run())
     levels = run.module.num_levels
-    FIGURES.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
 
     samples = temperature_rows(run.model, levels, args.per_row, TEMPERATURES, seed=0)
-    save_image(image_grid(samples, args.per_row, args.upscale), FIGURES / "digits_samples.png")
+    save_image(image_grid(samples, args.per_row, args.upscale), args.out / "digits_samples.png")
 
     data = instantiate_data(run.cfg.data)
     rows = []
     for a, b in [(0, 1), (2, 3), (4, 5)]:
         y = run.module.dequantizer.bin_centres(data.images("val", (a, b)))
         rows.append(to_unit_interval(interpolate(run.model, y[0], y[1], args.per_row, "spherical"), levels))
-    save_image(image_grid(torch.cat(rows), args.per_row, args.upscale), FIGURES / "digits_interpolation.png")
-    print(f"from {run.ckpt}: wrote {FIGURES / 'digits_samples.png'} and {FIGURES / 'digits_interpolation.png'}")
+    save_image(image_grid(torch.cat(rows), args.per_row, args.upscale), args.out / "digits_interpolation.png")
+    print(f"from {run.ckpt}: wrote {args.out / 'digits_samples.png'} and {args.out / 'digits_interpolation.png'}")

@@ -10,7 +10,7 @@ are verified by ``validated(cfg)``, the first thing each tool's task function do
 
 The choices of the enums come from the registries of the code that uses them
 (``flowgen.sampling.SAMPLE_MODES``, ``flowgen.latents.METHODS``, ``flowgen.data.splits.SPLITS``,
-``flowgen.playground.densities.DENSITIES`` ...), so a new option is one registry entry, not two. Like
+``flowgen.data.densities2d.DENSITIES`` ...), so a new option is one registry entry, not two. Like
 every module below ``flowgen.cli``, this one never imports ``flowgen.cli``.
 
 ``Any`` marks the few keys that genuinely take more than one type (``label``: a class or ``all``;
@@ -49,12 +49,12 @@ from flowgen.checks import (
     one_of,
 )
 from flowgen.config.schema import PRECISIONS, InverseMethod, ODESolver, TrainConfig, choices
+from flowgen.data.densities2d import DENSITIES
 from flowgen.data.splits import SPLITS
 from flowgen.flows.flow_matching import OBJECTIVES as OBJECTIVES_2D
+from flowgen.flows.vector import COUPLINGS as COUPLINGS_2D
+from flowgen.flows.vector import PLAYGROUND_KINDS as FLOW_KINDS_2D
 from flowgen.latents import METHODS
-from flowgen.playground.densities import DENSITIES
-from flowgen.playground.flows2d import COUPLINGS as COUPLINGS_2D
-from flowgen.playground.flows2d import PLAYGROUND_KINDS as FLOW_KINDS_2D
 from flowgen.sample_quality import METRICS
 from flowgen.sampling import SAMPLE_MODES
 

@@ -11,7 +11,7 @@ h_j has a density too, by the same change of variables through the blocks after 
 which is what the layer-by-layer figure draws: p_n is the Gaussian, p_0 the model's p(x).
 
 Training minimises ``training_loss``: -log p(x) (maximum likelihood), or for a continuous flow
-(``flows2d.build_cnf``) with objective "flow_matching" the flow-matching regression loss instead.
+(``flowgen.flows.vector.build_cnf``) with objective "flow_matching" the flow-matching regression loss instead.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 from flowgen.flows.base import FlowSequence, zero_logdet
 from flowgen.flows.flow_matching import OBJECTIVES as OBJECTIVES_2D
 from flowgen.flows.prior import standard_normal_log_prob
-from flowgen.playground.flows2d import ContinuousFlowSequence
+from flowgen.flows.vector import ContinuousFlowSequence
 
 
 class FlowDensity2d(nn.Module):

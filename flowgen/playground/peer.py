@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowgen.playground.densities import sample_density
-from flowgen.playground.flows2d import build_cnf
+from flowgen.data.densities2d import sample_density
+from flowgen.flows.vector import build_cnf
 from flowgen.playground.model import FlowDensity2d
 from flowgen.playground.training import mean_nll, train
 
