@@ -75,13 +75,13 @@ def test_experiments_set_paper_models(tmp_path, experiment):
     model = instantiate(compose_train(tmp_path, [f"experiment={experiment}", *small]).model)
     assert sum(p.numel() for p in model.parameters()) > 0
     if experiment == "glow_cifar10":
-        assert (cfg.model.levels, cfg.model.steps, cfg.model.hidden_channels) == (3, 32, 512)
+        assert (cfg.model.scales, cfg.model.steps, cfg.model.hidden_channels) == (3, 32, 512)
         assert cfg.optimizer._target_ == "torch.optim.Adamax" and cfg.optimizer.lr == 1e-3
         assert cfg.data.name == "cifar10" and cfg.data.n_bits == 8 and cfg.data.hflip
     if experiment == "glow_celeba64":
         assert cfg.data.n_bits == 5 and cfg.model.coupling == "additive" and cfg.data.image_size == 64
     if experiment == "glow_celebahq256":  # openai/glow README: --n_level 6 --depth 32 --flow_coupling 0 --n_bits_x 5
-        assert (cfg.model.levels, cfg.model.steps, cfg.model.hidden_channels) == (6, 32, 512)
+        assert (cfg.model.scales, cfg.model.steps, cfg.model.hidden_channels) == (6, 32, 512)
         assert cfg.model.coupling == "additive" and cfg.data.n_bits == 5 and cfg.data.image_size == 256
         assert cfg.data.name == "folder" and cfg.data.batch_size * cfg.trainer.accumulate_grad_batches == 40
     if experiment == "realnvp_cifar10":
