@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from flowgen.errors import UserError, one_line
+from flowgen.errors import InvalidValueError, UserError, one_line
 from flowgen.sampling import check_sampling_options, sample_pixels
 
 SAMPLE_METRICS = ("fid", "kid")  # measured on samples against real images
@@ -136,7 +136,7 @@ class _Features(nn.Module):
 def as_network_input(intensities: torch.Tensor) -> torch.Tensor:
     """Images with intensities k/(K-1) in [0, 1], (N, C, H, W) -> uint8 (N, 3, H, W), grayscale repeated."""
     if intensities.shape[1] not in (1, 3):
-        raise ValueError(f"FID and KID take images with 1 or 3 channels, got {intensities.shape[1]}")
+        raise InvalidValueError(f"FID and KID take images with 1 or 3 channels, got {intensities.shape[1]}")
     images = (intensities.float() * 255).round().clamp(0, 255).to(torch.uint8)
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
@@ -156,7 +156,8 @@ class SampleQuality:
 
         unknown = [m for m in metrics if m not in SAMPLE_METRICS]
         if unknown or not metrics:
-            raise ValueError(f"sample-quality metrics must be some of {', '.join(SAMPLE_METRICS)}, got {list(metrics)}")
+            raise InvalidValueError(
+                f"sample-quality metrics must be some of {', '.join(SAMPLE_METRICS)}, got {list(metrics)}")
         self.device = torch.device(device)
         self.feature = feature.to(self.device).eval()
         features = _Features(feature.num_features)
@@ -196,7 +197,7 @@ class SampleQuality:
         KID's subset size is the configured m, or the smaller set's size when a set is smaller than m
         (each subset estimate stays unbiased; only its spread grows)."""
         if min(self.num_real, self.num_generated) < 2:
-            raise ValueError(f"FID and KID need at least 2 real and 2 generated images, got {self.num_real} "
+            raise InvalidValueError(f"FID and KID need at least 2 real and 2 generated images, got {self.num_real} "
                              f"and {self.num_generated}")
         results = {}
         if "fid" in self.metrics:

@@ -1,5 +1,8 @@
 """The diagnostics callback: per-part terms that add up to the bpd exactly, finite values in a real run,
-and training left untouched."""
+and training left untouched; it measures at every multiple of every_n_steps, once per optimizer step.
+
+Tests of: flowgen/training/periodic.py.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from flowgen.data import ImageDataModule
 from flowgen.dequantization import UniformDequantization
+from flowgen.errors import InvalidValueError
 from flowgen.flows import ActNorm, Coupling, GlowConditioner
 from flowgen.likelihood import bits_per_dim, log_likelihood_bound
 from flowgen.models import Glow, RealNVP
@@ -143,3 +147,16 @@ def test_a_training_run_logs_finite_diagnostics(tmp_path):
     assert len(names) == 2 + 2 * 10
     assert all(math.isfinite(float(r[k])) for r in logged for k in names)
     assert float(logged[0]["diagnostics/dequantization_bpd"]) == pytest.approx(math.log2(K))
+
+
+def test_a_periodic_callback_is_due_once_per_multiple_of_every_n_steps():
+    """With gradient accumulation several batches end at one global step: only the first of them measures."""
+    from types import SimpleNamespace
+
+    from flowgen.training.periodic import EveryNSteps
+
+    callback = EveryNSteps(3, "probe")
+    steps = [0, 1, 2, 3, 3, 3, 4, 5, 6, 6, 9]
+    assert [s for s in steps if callback.due(SimpleNamespace(global_step=s))] == [3, 6, 9]
+    with pytest.raises(InvalidValueError, match="probe.every_n_steps must be an int >= 1, got True"):
+        EveryNSteps(True, "probe")

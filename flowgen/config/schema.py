@@ -378,19 +378,26 @@ class DiagnosticsConfig:
 
 
 @dataclass
-class SampleQualityMonitorConfig:
-    _target_: str = "flowgen.training.sample_quality.SampleQualityMonitor"
-    every_n_steps: int = checked(5000, AT_LEAST_ONE)
-    metrics: list[SampleMetric] = checked(None, NOT_EMPTY, factory=lambda: ["fid"])
-    num_samples: int = checked(1000, at_least(2))
+class SampleQualitySettings:
+    """What a FID/KID measurement (flowgen/sample_quality.py) takes wherever it runs: evaluate.py's ``fid.*``
+    (tool_schemas.SampleQualityConfig) and the training callback's ``callbacks.fid`` (below)."""
+
     temperature: float = checked(1.0, FINITE, NON_NEGATIVE)
-    split: str = checked("val", one_of(SPLITS))
-    max_real: int | None = checked(5000, at_least(2))  # null = the whole split
     batch_size: int = checked(100, AT_LEAST_ONE)
     seed: int = 0
     weights: str | None = None  # the Inception weights file; null = the torch hub cache (downloaded once)
     kid_subsets: int = checked(100, AT_LEAST_ONE)
     kid_subset_size: int = checked(1000, at_least(2))
+
+
+@dataclass
+class SampleQualityMonitorConfig(SampleQualitySettings):
+    _target_: str = "flowgen.training.sample_quality.SampleQualityMonitor"
+    every_n_steps: int = checked(5000, AT_LEAST_ONE)
+    metrics: list[SampleMetric] = checked(None, NOT_EMPTY, factory=lambda: ["fid"])
+    num_samples: int = checked(1000, at_least(2))
+    split: str = checked("val", one_of(SPLITS))
+    max_real: int | None = checked(5000, at_least(2))  # null = the whole split
 
 
 @dataclass

@@ -48,7 +48,7 @@ from flowgen.checks import (
     each,
     one_of,
 )
-from flowgen.config.schema import PRECISIONS, InverseMethod, ODESolver, TrainConfig, choices
+from flowgen.config.schema import PRECISIONS, InverseMethod, ODESolver, SampleQualitySettings, TrainConfig, choices
 from flowgen.data.densities2d import DENSITIES
 from flowgen.data.splits import SPLITS
 from flowgen.flows.flow_matching import OBJECTIVES as OBJECTIVES_2D
@@ -159,18 +159,12 @@ class TypicalityConfig:
 
 
 @dataclass
-class SampleQualityConfig:
+class SampleQualityConfig(SampleQualitySettings):
     """``fid.*``: evaluate.py's FID and KID (flowgen/sample_quality.py), used when ``metrics`` names them."""
 
     num_samples: int = checked(10000, at_least(2))  # generated images (the papers: 50000, against split=train)
-    temperature: float = checked(1.0, FINITE, NON_NEGATIVE)
     sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions())  # the model's own (denoise ...)
     max_real: int | None = checked(None, at_least(2))  # a seeded random subset of the split; null = all of it
-    batch_size: int = checked(100, AT_LEAST_ONE)
-    seed: int = 0
-    weights: str | None = None  # the Inception weights file; null = the torch hub cache (downloaded once)
-    kid_subsets: int = checked(100, AT_LEAST_ONE)
-    kid_subset_size: int = checked(1000, at_least(2))
 
 
 @dataclass

@@ -146,19 +146,12 @@ class VariationalDequantization(Dequantization):
 
     Its parameters are ordinary nn.Parameters trained jointly with the model through the
     bound E[log p(y) - log q(u|x)] - D log K; ``forward`` returns (y, log q(u|x)).
+    ``flow_options``: the ``NoiseFlow``'s sizes (hidden_channels, num_couplings, feature_channels, num_blocks).
     """
 
-    def __init__(
-        self,
-        num_levels: int,
-        channels: int,
-        hidden_channels: int = 32,
-        num_couplings: int = 4,
-        feature_channels: int = 16,
-        num_blocks: int = 1,
-    ):
+    def __init__(self, num_levels: int, channels: int, **flow_options):
         super().__init__(num_levels)
-        self.flow = NoiseFlow(num_levels, channels, hidden_channels, num_couplings, feature_channels, num_blocks)
+        self.flow = NoiseFlow(num_levels, channels, **flow_options)
 
     def draw_noise(self, x: torch.Tensor, generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
         # float32 unless the module was converted to float64 (exactness tests)

@@ -198,8 +198,8 @@ def build_cnf(num_layers: int, hidden: int, dim: int = 2, solver: str = "dopri5"
     """A CNF on (B, ``dim``) vectors: a velocity MLP (three hidden layers of width ``hidden`` with a time
     embedding) solved by torchdiffeq's ``solver`` over ``num_layers`` time segments (module docstring)."""
     if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
+        raise InvalidValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
     if not isinstance(hidden, int) or hidden < 1:
-        raise ValueError(f"hidden must be an integer >= 1, got {hidden!r}")
+        raise InvalidValueError(f"hidden must be an integer >= 1, got {hidden!r}")
     return ContinuousFlowSequence(VelocityMLP(dim, hidden, depth=3), num_layers,
                                   SolverOptions(solver, rtol, atol, step_size))

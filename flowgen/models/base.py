@@ -192,3 +192,28 @@ class FlowModel(nn.Module):
         """max |f_part^{-1}(f_part(h)) - h| for each part of the flow on its own input h; {} when the
         family does not split into parts (then only the end-to-end error is known)."""
         return {}
+
+
+class NullClassConditioning:
+    """Class conditioning with a learned null class ∅ = ``num_classes`` (TarFlow, CNF): the unconditional
+    map reads ∅, and in training each label is dropped to ∅ with probability ``label_drop`` (what
+    classifier-free guidance needs). A model using it sets ``num_classes`` and ``label_drop``."""
+
+    num_classes: int | None
+    label_drop: float
+    training: bool
+
+    def _labels(self, y, n: int, device: torch.device) -> torch.Tensor | None:
+        """(n,) labels for the network: y, or ∅ where y is None; None for an unconditional model."""
+        if self.num_classes is None:
+            return None
+        labels = labels_for(y, n, device)
+        return torch.full((n,), self.num_classes, dtype=torch.long, device=device) if labels is None else labels
+
+    def _training_labels(self, y, n: int, device: torch.device) -> torch.Tensor | None:
+        """The labels of the training objective: in training mode each is dropped to ∅ with prob. label_drop."""
+        labels = self._labels(y, n, device)
+        if labels is None or not self.training or self.label_drop == 0:
+            return labels
+        drop = torch.rand(n, device=device) < self.label_drop
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)

@@ -52,15 +52,15 @@ from flowgen.models.base import (
     FlowModel,
     LogProbEstimate,
     LogProbParts,
+    NullClassConditioning,
     TrainingLoss,
     check_temperature,
-    labels_for,
     latent_list,
 )
 from flowgen.models.validation import check_choice, check_image_size, check_positive
 
 
-class CNF(FlowModel):
+class CNF(NullClassConditioning, FlowModel):
     """A continuous normalizing flow on images (module docstring).
 
     in_channels, image_size: the data.
@@ -147,21 +147,6 @@ class CNF(FlowModel):
     def nfe(self) -> int:
         """Function evaluations of the last solve."""
         return self.flow.nfe
-
-    # -- labels -----------------------------------------------------------------------------------
-    def _labels(self, y, n: int, device: torch.device) -> torch.Tensor | None:
-        """(n,) labels for the velocity: y, or the null class when y is None; None for an unconditional model."""
-        if self.num_classes is None:
-            return None
-        labels = labels_for(y, n, device)
-        return torch.full((n,), self.num_classes, dtype=torch.long, device=device) if labels is None else labels
-
-    def _training_labels(self, y, n: int, device: torch.device) -> torch.Tensor | None:
-        labels = self._labels(y, n, device)
-        if labels is None or not self.training or self.label_drop == 0:
-            return labels
-        drop = torch.rand(n, device=device) < self.label_drop
-        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     # -- data -> latent ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, y=None) -> tuple[torch.Tensor, torch.Tensor]:

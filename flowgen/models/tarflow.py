@@ -97,7 +97,13 @@ from torch.utils.checkpoint import checkpoint
 from flowgen.errors import InvalidValueError
 from flowgen.flows.base import logdet_dtype, no_autocast, sum_except_batch, zero_logdet
 from flowgen.flows.prior import standard_normal_log_prob
-from flowgen.models.base import FlowModel, LogProbParts, check_temperature, labels_for, latent_list
+from flowgen.models.base import (
+    FlowModel,
+    LogProbParts,
+    NullClassConditioning,
+    check_temperature,
+    latent_list,
+)
 from flowgen.models.validation import check_choice, check_image_size, check_positive
 from flowgen.transforms import AFFINE_SCALES, TRANSFORMS, TransformOptions, make_transform
 
@@ -380,7 +386,7 @@ class TarFlowBlock(nn.Module):
 # ---------------------------------------------------------------------------------- the model
 
 
-class TarFlow(FlowModel):
+class TarFlow(NullClassConditioning, FlowModel):
     """TarFlow: ``num_blocks`` causal-transformer autoregressive flow blocks on p x p patches (module docstring).
 
     in_channels, image_size: the data; patch_size: p (image_size must be a multiple, with >= 2 patches).
@@ -470,22 +476,6 @@ class TarFlow(FlowModel):
                          transform, options, reverse=k % 2 == 1, num_classes=num_classes)
             for k in range(num_blocks)
         ])
-
-    # -- labels -----------------------------------------------------------------------------------
-    def _labels(self, y, n: int, device: torch.device) -> torch.Tensor | None:
-        """(n,) labels for the blocks: y, or the null class where y is None; None for an unconditional model."""
-        if self.num_classes is None:
-            return None
-        labels = labels_for(y, n, device)
-        return torch.full((n,), self.num_classes, dtype=torch.long, device=device) if labels is None else labels
-
-    def _training_labels(self, y, n: int, device: torch.device) -> torch.Tensor | None:
-        """The labels of the training objective: in training mode each is dropped to ∅ with prob. label_drop."""
-        labels = self._labels(y, n, device)
-        if labels is None or not self.training or self.label_drop == 0:
-            return labels
-        drop = torch.rand(n, device=device) < self.label_drop
-        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     # -- data -> latents ----------------------------------------------------------------------------
     def _run_block(self, block: TarFlowBlock, h: torch.Tensor, labels: torch.Tensor | None):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flowgen.errors import InvalidValueError
 from flowgen.flows.base import FlowSequence, zero_logdet
 from flowgen.flows.flow_matching import OBJECTIVES as OBJECTIVES_2D
 from flowgen.flows.prior import standard_normal_log_prob
@@ -31,9 +32,9 @@ class FlowDensity2d(nn.Module):
     def __init__(self, blocks: FlowSequence, objective: str = "likelihood"):
         super().__init__()
         if objective not in OBJECTIVES_2D:
-            raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES_2D)}")
+            raise InvalidValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES_2D)}")
         if objective == "flow_matching" and not isinstance(blocks, ContinuousFlowSequence):
-            raise ValueError("objective=flow_matching trains a continuous flow's velocity: use flow.kind=cnf")
+            raise InvalidValueError("objective=flow_matching trains a continuous flow's velocity: use flow.kind=cnf")
         self.blocks = blocks
         self.objective = objective
 

@@ -25,12 +25,12 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import lightning as L
 import torch
 from torch import nn
 
 from flowgen.errors import InvalidValueError
 from flowgen.likelihood import bits_per_dim, log_likelihood_bound, nats_to_bpd
+from flowgen.training.periodic import EveryNSteps
 
 PREFIX = "diagnostics/"
 
@@ -74,7 +74,7 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-class FlowDiagnostics(L.Callback):
+class FlowDiagnostics(EveryNSteps):
     """Every ``every_n_steps`` optimizer steps, log ``flow_diagnostics`` of the weights being trained on the
     first ``num_images`` images of the current batch to every logger (rank 0 only, at the global step).
 
@@ -84,16 +84,11 @@ class FlowDiagnostics(L.Callback):
     """
 
     def __init__(self, every_n_steps: int = 100, num_images: int = 32, seed: int = 0):
-        super().__init__()
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise InvalidValueError(f"diagnostics.every_n_steps must be an int >= 1, got {every_n_steps!r}")
+        super().__init__(every_n_steps, "diagnostics")
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise InvalidValueError(f"diagnostics.num_images must be an int >= 1, got {num_images!r}")
-        self.every_n_steps = every_n_steps
         self.num_images = num_images
         self.seed = seed
-        self._last_step = -1  # with gradient accumulation several batches end at the same global step
-        self.last_metrics: dict[str, float] = {}
 
     def measure(self, pl_module, batch) -> dict[str, float]:
         """The diagnostics of ``pl_module.model`` on the head of ``batch`` (integer pixels, labels), as floats."""
@@ -106,13 +101,5 @@ class FlowDiagnostics(L.Callback):
         values = torch.stack([v.detach().double() for v in metrics.values()]).tolist()  # one host sync
         return dict(zip(metrics, values, strict=True))
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if step == 0 or step % self.every_n_steps != 0 or step == self._last_step:
-            return
-        self._last_step = step
-        if not trainer.is_global_zero or not trainer.loggers:
-            return  # the pass has no collective: the other ranks need not run it
-        self.last_metrics = self.measure(pl_module, batch)
-        for logger in trainer.loggers:
-            logger.log_metrics(self.last_metrics, step=step)
+    def measure_now(self, trainer, pl_module, batch) -> dict[str, float]:
+        return self.measure(pl_module, batch)

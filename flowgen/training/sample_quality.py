@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import lightning as L
 import torch
 from torch import nn
 
-from flowgen.errors import UserError
+from flowgen.errors import InvalidValueError, UserError
 from flowgen.sample_quality import (
     SAMPLE_METRICS,
     SampleQuality,
@@ -17,11 +16,12 @@ from flowgen.sample_quality import (
     measure,
     real_images,
 )
+from flowgen.training.periodic import EveryNSteps
 
 OPTION = "callbacks.fid"
 
 
-class SampleQualityMonitor(L.Callback):
+class SampleQualityMonitor(EveryNSteps):
     """Every ``every_n_steps`` optimizer steps, log ``val/fid`` (and ``val/kid``, ``val/kid_std`` when
     ``metrics`` names kid) of ``num_samples`` samples at ``temperature`` from the eval weights (the EMA
     when the run keeps one) against ``max_real`` images of ``split`` (flowgen/sample_quality.py), to
@@ -43,15 +43,13 @@ class SampleQualityMonitor(L.Callback):
                  temperature: float = 1.0, split: str = "val", max_real: int | None = 5000, batch_size: int = 100,
                  seed: int = 0, weights: str | None = None, kid_subsets: int = 100, kid_subset_size: int = 1000,
                  feature: nn.Module | None = None):
-        super().__init__()
+        super().__init__(every_n_steps, OPTION)
         metrics = [str(m) for m in metrics]
         if not metrics or any(m not in SAMPLE_METRICS for m in metrics):
-            raise ValueError(f"{OPTION}.metrics must be some of {', '.join(SAMPLE_METRICS)}, got {metrics}")
-        for name, value, least in [("every_n_steps", every_n_steps, 1), ("num_samples", num_samples, 2),
-                                   ("batch_size", batch_size, 1)]:
+            raise InvalidValueError(f"{OPTION}.metrics must be some of {', '.join(SAMPLE_METRICS)}, got {metrics}")
+        for name, value, least in [("num_samples", num_samples, 2), ("batch_size", batch_size, 1)]:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{OPTION}.{name} must be an int >= {least}, got {value!r}")
-        self.every_n_steps = every_n_steps
+                raise InvalidValueError(f"{OPTION}.{name} must be an int >= {least}, got {value!r}")
         self.metrics = list(dict.fromkeys(metrics))
         self.num_samples = num_samples
         self.temperature = float(temperature)
@@ -64,8 +62,6 @@ class SampleQualityMonitor(L.Callback):
         self.kid_subset_size = kid_subset_size
         self.feature = feature if feature is not None else inception_network(weights, option=f"{OPTION}.weights")
         self._quality: SampleQuality | None = None
-        self._last_step = -1  # with gradient accumulation several batches end at the same global step
-        self.last_metrics: dict[str, float] = {}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
@@ -81,16 +77,8 @@ class SampleQualityMonitor(L.Callback):
         if not trainer.is_global_zero:
             self.feature = None  # rank 0 measures alone
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if step == 0 or step % self.every_n_steps != 0 or step == self._last_step:
-            return
-        self._last_step = step
-        if not trainer.is_global_zero or not trainer.loggers:
-            return
-        self.last_metrics = self.measure(trainer.datamodule, pl_module)
-        for logger in trainer.loggers:
-            logger.log_metrics(self.last_metrics, step=step)
+    def measure_now(self, trainer, pl_module, batch) -> dict[str, float]:
+        return self.measure(trainer.datamodule, pl_module)
 
     def measure(self, datamodule, pl_module) -> dict[str, float]:
         """{"val/fid": ..., ...} of the module's eval weights now."""
