@@ -34,6 +34,14 @@ def num_levels_of(cfg: DictConfig) -> int:
     return num_levels(str(cfg.data.name), None if n_bits is None else int(n_bits))
 
 
+def optimizer_factory(cfg: DictConfig):
+    """The configured optimizer as a partial that takes the parameters (or parameter groups).
+    ``optimizer.weight_decay_params`` is flowgen's (``FlowModule.parameter_groups``), not the optimizer's argument;
+    plain lists, so that checkpoints load weights_only."""
+    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    return instantiate({k: v for k, v in optimizer.items() if k != "weight_decay_params"}, _convert_="all")
+
+
 def build_module(cfg: DictConfig, num_levels: int, compile: bool = True) -> FlowModule:
     """The flow, its dequantizer and the optimisation settings, from the config alone.
     ``compile=False`` skips ``performance.compile`` (evaluate.py and sample.py run a checkpoint eagerly)."""
@@ -51,14 +59,12 @@ def build_module(cfg: DictConfig, num_levels: int, compile: bool = True) -> Flow
                         f"{dequantizer.noise_std:g} adds Gaussian noise that leaves it; set one of them to null / 0")
     for network in (model, dequantizer):
         set_channels_last(network, performance.get("channels_last", False))
-    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
     module = FlowModule(
         model=model,
         dequantizer=dequantizer,
         num_levels=num_levels,
-        # plain lists: checkpoints load weights_only; weight_decay_params is ours, not the optimizer's argument
-        optimizer=instantiate({k: v for k, v in optimizer.items() if k != "weight_decay_params"}, _convert_="all"),
-        weight_decay_params=optimizer.get("weight_decay_params"),
+        optimizer=optimizer_factory(cfg),
+        weight_decay_params=OmegaConf.to_container(cfg.optimizer, resolve=True).get("weight_decay_params"),
         warmup_steps=cfg.scheduler.warmup_steps,
         schedule=cfg.scheduler.schedule,
         min_lr_ratio=cfg.scheduler.min_lr_ratio,

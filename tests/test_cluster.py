@@ -21,7 +21,7 @@ from tests.train_runner import FAST, REPO, run_dir, run_entry
 QUICK = [*FAST, "logger=csv", "model.hidden_channels=8", "trainer.max_steps=2", "trainer.limit_train_batches=2",
          "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
 # the test callback that sends the preemption signal from inside the run (tests/helpers/preempt.py)
-PREEMPT_AT_4 = ["+callbacks.preempt._target_=helpers.preempt.SignalAtStep", "+callbacks.preempt.step=4",
+PREEMPT_AT_4 = ["+callbacks.preempt._target_=tests.helpers.preempt.SignalAtStep", "+callbacks.preempt.step=4",
                 "callbacks.preemption.check_every_n_steps=1", "trainer.max_steps=8", "trainer.limit_train_batches=3"]
 HELPERS_ENV = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
 

@@ -82,7 +82,7 @@ def test_two_process_ddp_run_keeps_ranks_identical_and_scores_like_one_process(t
     """trainer=ddp_cpu on digits: exits 0, ranks hold identical weights (ActNorm included) after the
     first step and at the end, an Inf gradient on rank 1 alone makes both ranks skip that step,
     files are written once, and the test/bpd of the 2-process run equals evaluate.py on one process."""
-    poison = ["+callbacks.poison._target_=helpers.poison.InfGradientOnRank", "+callbacks.poison.step=2",
+    poison = ["+callbacks.poison._target_=tests.helpers.poison.InfGradientOnRank", "+callbacks.poison.step=2",
               "+callbacks.poison.rank=1"]
     run = run_entry("train.py", ["logger=csv", *FAST, "trainer=ddp_cpu", "model.hidden_channels=8",
                                  "run_name=ddp", "trainer.limit_test_batches=null", *poison],

@@ -28,13 +28,13 @@ TINY = ["logger=csv", "~callbacks.rich_progress_bar", "trainer.accelerator=cpu",
         "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
         "model.hidden_channels=8", "model.steps=2", "data.num_workers=0", "scheduler.warmup_steps=2",
         "callbacks.samples.every_n_steps=100", "test=false"]
-VALIDATION_STEPS = ["+callbacks.validations._target_=helpers.trials.ValidationSteps"]
+VALIDATION_STEPS = ["+callbacks.validations._target_=tests.helpers.trials.ValidationSteps"]
 HELPERS_ENV = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
 
 
 def diverging(job: int | str) -> list[str]:
     """NaN gradients from the first step (in sweep job ``job``, or ``null``: any run); the NaN guard stops at step 1."""
-    return ["+callbacks.diverge._target_=helpers.trials.NaNGradientsInJob", f"+callbacks.diverge.job={job}",
+    return ["+callbacks.diverge._target_=tests.helpers.trials.NaNGradientsInJob", f"+callbacks.diverge.job={job}",
             "callbacks.nan_guard.max_consecutive=2"]
 
 
@@ -60,7 +60,7 @@ def read_results(sweep_dir: Path) -> list[dict]:
 
 # ---- the final validation ----------------------------------------------------------------------------------
 
-STOP_AT_4 = ["trainer.max_steps=8", "+callbacks.stop._target_=helpers.trials.StopAtStep", "+callbacks.stop.step=4"]
+STOP_AT_4 = ["trainer.max_steps=8", "+callbacks.stop._target_=tests.helpers.trials.StopAtStep", "+callbacks.stop.step=4"]
 
 
 @pytest.mark.parametrize(("overrides", "validated_at"), [
@@ -69,7 +69,7 @@ STOP_AT_4 = ["trainer.max_steps=8", "+callbacks.stop._target_=helpers.trials.Sto
     (STOP_AT_4, [3, 4]),  # a stop request (should_stop) inside the second epoch
 ], ids=["max_steps-inside-an-epoch", "max_steps-at-an-epoch-end", "stop-request"])
 def test_every_run_validates_at_its_last_step_and_no_step_twice(tmp_path, overrides, validated_at):
-    from helpers.trials import ValidationSteps
+    from tests.helpers.trials import ValidationSteps
 
     ValidationSteps.steps.clear()
     val_bpd = train(compose_train(tmp_path, [*TINY, *VALIDATION_STEPS, *overrides]))
@@ -91,7 +91,7 @@ def test_every_run_validates_at_its_last_step_and_no_step_twice(tmp_path, overri
 def test_a_time_limit_validates_once_at_the_last_step(tmp_path):
     """``trainer.max_time``: Lightning's Timer requests the stop after the user's callbacks (the step
     it stops at depends on the machine's speed)."""
-    from helpers.trials import ValidationSteps
+    from tests.helpers.trials import ValidationSteps
 
     ValidationSteps.steps.clear()
     train(compose_train(tmp_path, [*TINY, *VALIDATION_STEPS, "trainer.max_steps=200", "trainer.max_time=00:00:00:01"]))
@@ -135,7 +135,7 @@ def test_a_diverged_sweep_trial_returns_inf_and_a_mistake_still_stops_the_sweep(
     assert row["reason"].startswith("training stopped at step 1: 2 consecutive steps had NaN/Inf")
 
     # a mistake the user must fix is not a divergence: it ends the sweep, in one line
-    mistake = ["+callbacks.mistake._target_=helpers.trials.MistakeAtStep", "+callbacks.mistake.step=1"]
+    mistake = ["+callbacks.mistake._target_=tests.helpers.trials.MistakeAtStep", "+callbacks.mistake.step=1"]
     with pytest.raises(SystemExit) as exit_info:
         run_reporting_errors(train, multirun(tmp_path / "second", [*TINY, "trainer.max_steps=5", *mistake]))
     assert exit_info.value.code == EXIT_USER_ERROR

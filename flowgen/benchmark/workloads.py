@@ -16,10 +16,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from flowgen.build import build_module, num_levels_of
+from flowgen.build import build_module, num_levels_of, optimizer_factory
 from flowgen.checkpoints.legacy import upgrade_state_dict
 from flowgen.checkpoints.reading import check_state_matches, load_checkpoint
 from flowgen.checkpoints.run_dir import find_checkpoint
@@ -138,7 +137,7 @@ def flowgen_workload(cfg: DictConfig, device: torch.device, name: str = "flowgen
     batch_size = int(cfg.data.batch_size)
     pixels = random_pixels(cfg, batch_size, device, cfg.seed)
     parameters = [p for m in (module.model, module.dequantizer) for p in m.parameters() if p.requires_grad]
-    optimizer = module.optimizer_factory(parameters)
+    optimizer = module.optimizer_factory(module.parameter_groups())  # the run's weight-decay groups too
     precision = str(cfg.trainer.precision)
     scaler = _grad_scaler(precision, device)
     clip = cfg.trainer.get("gradient_clip_val")
@@ -227,7 +226,7 @@ def normflows_workload(cfg: DictConfig, device: torch.device, name: str = "normf
     pixels = random_pixels(cfg, batch_size, device, cfg.seed)
     num_dims = math.prod(pixels.shape[1:])
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = instantiate(cfg.optimizer, _convert_="all")(parameters)
+    optimizer = optimizer_factory(cfg)(parameters)
     precision = str(cfg.trainer.precision)
     scaler = _grad_scaler(precision, device)
     clip = cfg.trainer.get("gradient_clip_val")

@@ -194,7 +194,7 @@ class DataConfig:
     _target_: str = "flowgen.data.ImageDataModule"
     name: Dataset = MISSING
     root: str = MISSING
-    path: str | None = MISSING  # data=folder: the image directory (required there); null for named datasets
+    path: str | None = None  # data=folder: the image directory (required there: the data module checks it)
     image_size: int = checked(MISSING, AT_LEAST_ONE)
     channels: int = checked(MISSING, one_of((1, 3)))
     n_bits: int | None = checked(None, closed_interval(1, 8))
