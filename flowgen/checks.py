@@ -51,10 +51,6 @@ def at_least(low: float) -> Check:
     return Check(lambda v: _number(v) and v >= low, f"must be >= {low:g}")
 
 
-def at_most(high: float) -> Check:
-    return Check(lambda v: _number(v) and v <= high, f"must be <= {high:g}")
-
-
 def half_open_interval(low: float, high: float) -> Check:
     return Check(lambda v: _number(v) and low <= v < high, f"must be in [{low:g}, {high:g})")
 

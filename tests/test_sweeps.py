@@ -60,7 +60,8 @@ def read_results(sweep_dir: Path) -> list[dict]:
 
 # ---- the final validation ----------------------------------------------------------------------------------
 
-STOP_AT_4 = ["trainer.max_steps=8", "+callbacks.stop._target_=tests.helpers.trials.StopAtStep", "+callbacks.stop.step=4"]
+STOP_AT_4 = ["trainer.max_steps=8", "+callbacks.stop._target_=tests.helpers.trials.StopAtStep",
+             "+callbacks.stop.step=4"]
 
 
 @pytest.mark.parametrize(("overrides", "validated_at"), [

@@ -164,7 +164,7 @@ class CNFConfig:
     image_size: int = checked(MISSING, AT_LEAST_ONE)
     velocity: VelocityNet = VelocityNet.unet
     width: int = checked(32, AT_LEAST_ONE)
-    levels: int = checked(2, AT_LEAST_ONE)
+    resolutions: int = checked(2, AT_LEAST_ONE)  # unet: the image size must divide by 2^(resolutions-1)
     blocks: int = checked(1, AT_LEAST_ONE)
     hidden: int = checked(256, AT_LEAST_ONE)
     depth: int = checked(3, AT_LEAST_ONE)

@@ -23,7 +23,6 @@ from flowgen.data.folder import list_images, read_image
 from flowgen.data.splits import IndexedView, RawSplits, held_out_count, holdout
 from flowgen.data.transforms import resize_square
 
-SIZES = (32, 64)
 TRAIN_IMAGES = 1_281_149  # in train_SxS.tar (valid_SxS.tar: 49,999)
 
 

@@ -34,7 +34,6 @@ mode: the trace is a derivative.  Results are detached when the caller had gradi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +50,6 @@ ODE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "euler
 FIXED_STEP_SOLVERS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams")
 TRACE_ESTIMATORS = ("exact", "hutchinson")
 PROBE_KINDS = ("rademacher", "gaussian")
-
-Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ zero-initialised, so v = 0 and the flow starts as the identity.
 ``VelocityMLP``  for vectors (B, D): x -> [Linear -> + W_l e(t, c) -> SiLU] x depth -> Linear.
 ``VelocityUNet`` for images (B, C, H, W): a small U-Net whose residual blocks add the embedding
                  (GroupNorm -> SiLU -> conv3x3 -> + W e -> GroupNorm -> SiLU -> conv3x3, plus the input);
-                 ``levels`` resolutions (each halves H and W), the skips of the way down joined on the way up.
+                 ``resolutions`` resolutions (each halves H and W), the skips of the way down joined on the way up.
 """
 
 from __future__ import annotations
@@ -100,15 +100,15 @@ class ResBlock(nn.Module):
 
 
 class VelocityUNet(nn.Module):
-    """v(x, t, c) for (B, C, H, W) images: a U-Net of ``levels`` resolutions (module docstring).
+    """v(x, t, c) for (B, C, H, W) images: a U-Net of ``resolutions`` resolutions (module docstring).
 
-    width: channels at full resolution, doubled at each lower one; blocks: residual blocks per level.
+    width: channels at full resolution, doubled at each lower one; blocks: residual blocks per resolution.
     """
 
-    def __init__(self, channels: int, width: int = 32, levels: int = 2, blocks: int = 1,
+    def __init__(self, channels: int, width: int = 32, resolutions: int = 2, blocks: int = 1,
                  num_classes: int | None = None):
         super().__init__()
-        widths = [width * 2**level for level in range(levels)]
+        widths = [width * 2**r for r in range(resolutions)]
         embed_width = 4 * width
         self.embed = TimeEmbedding(embed_width, num_classes=num_classes)
         self.conv_in = nn.Conv2d(channels, width, 3, padding=1)
@@ -131,15 +131,15 @@ class VelocityUNet(nn.Module):
         e = self.embed(t, cond)
         h = self.conv_in(x)
         skips = []
-        for level, blocks in enumerate(self.down):
-            if level > 0:
+        for r, blocks in enumerate(self.down):
+            if r > 0:
                 h = F.avg_pool2d(h, 2)
             for block in blocks:
                 h = block(h, e)
             skips.append(h)
         h = self.middle(h, e)
-        for level, blocks in enumerate(self.up):
-            if level > 0:
+        for r, blocks in enumerate(self.up):
+            if r > 0:
                 h = F.interpolate(h, scale_factor=2.0, mode="nearest")
             h = torch.cat([h, skips.pop()], dim=1)
             for block in blocks:

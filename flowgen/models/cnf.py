@@ -64,7 +64,8 @@ class CNF(NullClassConditioning, FlowModel):
     """A continuous normalizing flow on images (module docstring).
 
     in_channels, image_size: the data.
-    velocity: "unet" (width, levels, blocks: channels at full resolution, resolutions, residual blocks per level)
+    velocity: "unet" (width, resolutions, blocks: channels at full resolution, how many resolutions, residual
+        blocks per resolution)
         or "mlp" on the flattened image (hidden, depth).
     num_classes, label_drop: class conditioning and the training-time probability of the null class.
     objective: "likelihood" (FFJORD) | "flow_matching" (regression on the linear path's velocity).
@@ -82,7 +83,7 @@ class CNF(NullClassConditioning, FlowModel):
         image_size: int,
         velocity: str = "unet",
         width: int = 32,
-        levels: int = 2,
+        resolutions: int = 2,
         blocks: int = 1,
         hidden: int = 256,
         depth: int = 3,
@@ -104,11 +105,12 @@ class CNF(NullClassConditioning, FlowModel):
         data_scale: float = 1.0,
     ):
         super().__init__()
-        check_positive(in_channels=in_channels, width=width, levels=levels, blocks=blocks, hidden=hidden, depth=depth)
+        check_positive(in_channels=in_channels, width=width, resolutions=resolutions, blocks=blocks, hidden=hidden,
+                       depth=depth)
         check_choice("velocity", velocity, VELOCITY_NETS)
         check_choice("objective", objective, OBJECTIVES)
         if velocity == "unet":
-            check_image_size(image_size, 2 ** (levels - 1), f"the U-Net halves the image {levels - 1} times")
+            check_image_size(image_size, 2 ** (resolutions - 1), f"the U-Net halves the image {resolutions - 1} times")
         else:
             check_image_size(image_size, 1, "")
         if num_classes is not None:
@@ -131,7 +133,7 @@ class CNF(NullClassConditioning, FlowModel):
         self.data_scale = float(data_scale)
         self.scale_logdet = self.num_dims * math.log(self.data_scale)  # D log s
         if velocity == "unet":
-            net = VelocityUNet(in_channels, width, levels, blocks, num_classes)
+            net = VelocityUNet(in_channels, width, resolutions, blocks, num_classes)
         else:
             net = FlatVelocity(VelocityMLP(self.num_dims, hidden, depth, num_classes))
         self.flow = ContinuousFlow(net, 0.0, 1.0, SolverOptions(solver, rtol, atol, step_size, adjoint),

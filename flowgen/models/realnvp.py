@@ -34,8 +34,7 @@ class RealNVP(MultiScaleFlow):
     form the paper's layer has at test time, initialised from the first batch, and exactly
     invertible in training mode too.
 
-    ``memory`` ("standard" | "checkpoint" | "invertible") chooses how backprop stores each
-    scale's activations (``flowgen.flows.memory``); the model and its values are the same.
+    ``memory``: what backprop keeps of each scale, as for Glow (``flowgen.flows.memory``).
     """
 
     def __init__(
