@@ -1,4 +1,4 @@
-"""Every unreadable checkpoint is reported with its real cause, in one line (flowgen/cli/checkpoint_files.py).
+"""Every unreadable checkpoint is reported with its real cause, in one line (flowgen/checkpoints/diagnosis.py).
 
 Each kind of bad file is written into tmp_path and passed to ``load_checkpoint``; a few go the whole way
 through ``sample.py``'s path in process, and one through the real ``python sample.py``.
@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from flowgen.build import run_config
-from flowgen.checkpoints import diagnosis as checkpoint_files
+from flowgen.checkpoints import diagnosis
 from flowgen.checkpoints.reading import load_checkpoint
 from flowgen.cli.errors import EXIT_USER_ERROR, run_reporting_errors
 from flowgen.cli.sample import sample
@@ -167,8 +167,8 @@ def test_a_directory_and_an_unreadable_file(tmp_path, monkeypatch):
     def denied(_):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(checkpoint_files, "_open", denied)  # as root, chmod 000 would not stop a read
-    message = checkpoint_files.why_unreadable(path, PermissionError(13, "Permission denied"))
+    monkeypatch.setattr(diagnosis, "_open", denied)  # as root, chmod 000 would not stop a read
+    message = diagnosis.why_unreadable(path, PermissionError(13, "Permission denied"))
     assert message == (f"checkpoint {path} cannot be read: permission denied; make it readable (chmod u+r) "
                        "or use a copy")
 

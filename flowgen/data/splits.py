@@ -1,6 +1,6 @@
 """Train / val / test splits: what every dataset builder returns, and the seeded hold-out.
 
-A builder (torchvision_sets, imagenet_downsampled, folder, digits) yields *raw* items
+A builder (torchvision_sets, imagenet_oord, imagenet_chrabaszcz, folder, digits) yields *raw* items
 ``(image, label)``, image a PIL image or uint8 tensor at the source's native size. The data
 module then wraps every split in ``LevelImages`` with that split's pixel pipeline, so the
 train and val views of one source can differ (random flip on train only).
