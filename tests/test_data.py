@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import pickle
 import socket
+import tarfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -284,6 +285,26 @@ def test_imagenet_oord_64_at_fewer_bits_and_a_smaller_size(tmp_path):
     small = make("imagenet64", tmp_path, image_size=32, val_size=1)
     small.setup()
     assert small.test_set[0][0].shape == (3, 32, 32)
+
+
+def test_imagenet_oord_reads_the_official_archives_as_they_are(tmp_path):
+    """train_32x32.tar and valid_32x32.tar, not extracted: the same images as the extracted directories; a
+    worker gets the split without the parent's open archive (it reopens it)."""
+    written = write_imagenet_oord(tmp_path / "extracted", size=32, n_train=5, n_valid=3)
+    folder = tmp_path / "archives" / "imagenet32"
+    folder.mkdir(parents=True)
+    for split in ("train", "valid"):
+        with tarfile.open(folder / f"{split}_32x32.tar", "w") as tar:
+            tar.add(tmp_path / "extracted" / "imagenet32" / f"{split}_32x32", arcname=f"{split}_32x32")
+    dm = make("imagenet32", tmp_path / "archives", val_size=1)
+    dm.prepare_data()
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (4, 1, 3)
+    assert torch.equal(dm.test_set[2][0], torch.from_numpy(written["valid"][2]).permute(2, 0, 1))
+    x, _, _ = next(iter(dm.test_dataloader()))
+    assert torch.equal(x, torch.from_numpy(written["valid"]).permute(0, 3, 1, 2))
+    raw = dm.test_set.source
+    assert raw._tar is not None and pickle.loads(pickle.dumps(raw))._tar is None
 
 
 def test_imagenet_oord_image_of_the_wrong_size_is_named(tmp_path):

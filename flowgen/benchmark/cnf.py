@@ -23,15 +23,11 @@ def tolerance_table(model: nn.Module, dequantizer: nn.Module, batches: Iterable,
     """One row per tolerance (rtol = atol): the split's bpd with the model's evaluation trace, its standard
     error, NFE per solve and the seconds the scoring took.  ``batches`` is re-iterated for every row."""
     rows = []
-    saved = model.flow.solver
-    try:
-        for tolerance in tolerances:
-            model.set_solver(rtol=tolerance, atol=tolerance)
+    for tolerance in tolerances:
+        with model.solver_settings(rtol=tolerance, atol=tolerance):
             score = evaluate_split(model, dequantizer, batches, class_conditional, seed=seed)
-            rows.append({"tolerance": tolerance, "bpd": score.bpd, "bpd_std_error": score.bpd_std_error,
-                         "nfe": score.nfe, "seconds": score.seconds, "recon_error": score.recon_error})
-    finally:
-        model.flow.solver = saved
+        rows.append({"tolerance": tolerance, "bpd": score.bpd, "bpd_std_error": score.bpd_std_error,
+                     "nfe": score.nfe, "seconds": score.seconds, "recon_error": score.recon_error})
     return rows
 
 

@@ -37,6 +37,7 @@ Numerics: the solve runs with autocast off, in the input's dtype (float32; float
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -141,9 +142,16 @@ class CNF(NullClassConditioning, FlowModel):
                                    eval_trace=TraceOptions(eval_trace, probe, eval_probes))
 
     # -- settings ---------------------------------------------------------------------------------
-    def set_solver(self, **changes) -> None:
-        """Change the solver options (method, rtol, atol, step_size, adjoint), e.g. to evaluate at other tolerances."""
-        self.flow.solver = replace(self.flow.solver, **changes)
+    @contextmanager
+    def solver_settings(self, **changes):
+        """Within the block, the solver options (method, rtol, atol, step_size, adjoint) given replace the
+        model's own (e.g. to score or sample at other tolerances); the model's are back afterwards."""
+        saved = self.flow.solver
+        self.flow.solver = replace(saved, **changes)
+        try:
+            yield self
+        finally:
+            self.flow.solver = saved
 
     @property
     def nfe(self) -> int:
@@ -233,13 +241,8 @@ class CNF(NullClassConditioning, FlowModel):
         z = torch.randn((n, *self.input_shape), generator=generator, device=param.device, dtype=param.dtype)
         changes = {k: v for k, v in (("method", solver), ("rtol", rtol), ("atol", atol), ("step_size", step_size))
                    if v is not None}
-        saved = self.flow.solver
-        try:
-            if changes:
-                self.flow.solver = replace(saved, **changes)
+        with self.solver_settings(**changes):
             return self.invert(z * temperature, y)
-        finally:
-            self.flow.solver = saved
 
     @torch.no_grad()
     def reconstruction_errors(self, x: torch.Tensor) -> dict[str, float]:

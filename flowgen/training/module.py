@@ -216,8 +216,9 @@ class FlowModule(L.LightningModule):
         if unused:
             raise UserError(f"optimizer.weight_decay_params: {unused[0]!r} matches no trained parameter; names look "
                             f"like {named[0][0]!r} (glob patterns, e.g. '*.transform.alpha')")
-        decayed = [p for n, p in named if any(fnmatchcase(n, pattern) for pattern in patterns)]
-        kept = [p for n, p in named if not any(fnmatchcase(n, pattern) for pattern in patterns)]
+        matched = [any(fnmatchcase(n, pattern) for pattern in patterns) for n, _ in named]
+        decayed = [p for (_, p), m in zip(named, matched, strict=True) if m]
+        kept = [p for (_, p), m in zip(named, matched, strict=True) if not m]
         return [group for group in ({"params": decayed}, {"params": kept, "weight_decay": 0.0}) if group["params"]]
 
     # -- sampling ----------------------------------------------------------------------------------
